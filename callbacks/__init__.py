@@ -1,0 +1,1 @@
+"""Lightning callbacks of jepa-monitor (installed as ``jepa_monitor.callbacks``)."""

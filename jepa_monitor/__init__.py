@@ -1,0 +1,17 @@
+"""jepa-monitor: watch training data through the encoder's own density estimate (JEPA-SCORE).
+
+The core (this package, minus ``jepa_monitor.callbacks``) is pure torch + numpy: functions take
+tensors and return tensors. The Lightning layer lives in :mod:`jepa_monitor.callbacks`.
+"""
+
+from ._version import __version__
+from .scoring import SampleScores, gaussian_log_prior, jepa_score, log_density, score_samples
+
+__all__ = [
+    "SampleScores",
+    "__version__",
+    "gaussian_log_prior",
+    "jepa_score",
+    "log_density",
+    "score_samples",
+]

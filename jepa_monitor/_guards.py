@@ -1,0 +1,68 @@
+"""The conditions under which a Jacobian of the encoder means what we say it means.
+
+Every trap in this file silently changes the number without raising: train-mode BatchNorm couples
+samples and dropout randomises f; ``torch.inference_mode`` (Lightning's default under validate/test)
+turns every gradient into zeros; an active autocast or TF32 computes the Jacobian in reduced
+precision; and any random draw or DataLoader iterator consumes the training run's global RNG.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+
+
+@contextlib.contextmanager
+def _eval_mode(module: object) -> Iterator[None]:
+    if not isinstance(module, nn.Module):
+        yield
+        return
+    # Remember each submodule's own flag: a model may deliberately keep parts in eval mode
+    # (frozen teacher, frozen BatchNorm) and must get back exactly what it had.
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, was_training in modes:
+            m.training = was_training
+
+
+@contextlib.contextmanager
+def _full_precision(device: torch.device) -> Iterator[None]:
+    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+    cudnn_tf32 = torch.backends.cudnn.allow_tf32
+    precision = torch.get_float32_matmul_precision()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    try:
+        with contextlib.ExitStack() as stack:
+            for device_type in {"cpu", device.type}:
+                if device_type in ("cpu", "cuda") and (device_type == "cpu" or torch.cuda.is_available()):
+                    stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+        torch.backends.cudnn.allow_tf32 = cudnn_tf32
+        torch.set_float32_matmul_precision(precision)
+
+
+@contextlib.contextmanager
+def scoring_context(module: object, device: torch.device) -> Iterator[None]:
+    """Eval mode (restored per submodule), gradients on, full precision, private RNG.
+
+    Safe inside ``torch.inference_mode()`` and ``torch.no_grad()``; leaves the global RNG state,
+    every submodule's ``.training`` flag and the TF32/autocast settings exactly as it found them.
+    """
+    rng_devices = [device] if device.type == "cuda" else []
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.inference_mode(False))
+        stack.enter_context(torch.enable_grad())
+        stack.enter_context(torch.random.fork_rng(devices=rng_devices))
+        stack.enter_context(_full_precision(device))
+        stack.enter_context(_eval_mode(module))
+        yield
