@@ -1,0 +1,48 @@
+"""Gathering per-rank results of different lengths without hanging.
+
+``all_gather`` needs the same shape on every rank, so each rank first shares its row count, pads
+its rows to the largest count, gathers, and every rank trims the padding away. A rank whose
+measurement failed sends -1 as its count, so all ranks agree to skip the measurement together
+instead of one rank waiting forever in a collective the others never reach.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed(world_size: int) -> bool:
+    return world_size > 1 and dist.is_available() and dist.is_initialized()
+
+
+def gather_rows(strategy: Any, rows: Optional[torch.Tensor], world_size: int) -> Optional[torch.Tensor]:
+    """Concatenate every rank's (n_r, C) float64 rows in rank order, on every rank (CPU).
+
+    ``rows=None`` marks a failed measurement on this rank; then every rank gets None.
+    """
+    if not is_distributed(world_size):
+        return None if rows is None else rows.cpu()
+    device = strategy.root_device
+    n = -1 if rows is None else rows.shape[0]
+    width = -1 if rows is None else rows.shape[1]
+    meta = strategy.all_gather(torch.tensor([n, width], dtype=torch.int64, device=device)).reshape(world_size, 2).cpu()
+    if (meta[:, 0] < 0).any():
+        return None
+    width = int(meta[:, 1].max())
+    longest = int(meta[:, 0].max())
+    padded = torch.zeros(longest, width, dtype=torch.float64, device=device)
+    padded[: rows.shape[0]] = rows.to(device=device, dtype=torch.float64)
+    gathered = strategy.all_gather(padded).reshape(world_size, longest, width).cpu()
+    return torch.cat([gathered[r, : int(meta[r, 0])] for r in range(world_size)])
+
+
+def gather_objects(obj: Any, world_size: int) -> List[Any]:
+    """Every rank's picklable ``obj`` (e.g. string ids), in rank order."""
+    if not is_distributed(world_size):
+        return [obj]
+    out: List[Any] = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out

@@ -1,0 +1,289 @@
+"""JEPAScoreMonitor on tiny CPU runs: what it logs, and that it never changes the training run."""
+
+import math
+import warnings
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from jepa_monitor import score_samples
+from jepa_monitor.callbacks import JEPAScoreMonitor
+from jepa_monitor.export import read_scores
+
+D, K = 6, 3
+
+
+class DictData(Dataset):
+    """Dict samples with an id; noise augmentation from the global RNG (as torchvision transforms
+    do), so any extra draw from the global RNG changes the training data."""
+
+    def __init__(self, n=48, seed=0, augment=True, image=False):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 1, 2, 3, generator=g) if image else torch.randn(n, D, generator=g)
+        self.augment = augment
+
+    def __len__(self):
+        return self.x.shape[0]
+
+    def __getitem__(self, i):
+        x = self.x[i]
+        if self.augment:
+            x = x + 0.1 * torch.randn_like(x)
+        return {"x": x, "id": 1000 + i}
+
+
+class TinyModule(pl.LightningModule):
+    def __init__(self, dropout=0.2, image=False):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Flatten(), nn.Linear(D, 8), nn.Tanh(), nn.Dropout(dropout), nn.Linear(8, K))
+        self.head = nn.Linear(K, D)
+
+    def training_step(self, batch, batch_idx):
+        x = batch["x"].flatten(1)
+        return ((self.head(self.encoder(x)) - x) ** 2).mean()
+
+    def validation_step(self, batch, batch_idx):
+        x = batch["x"].flatten(1)
+        return ((self.head(self.encoder(x)) - x) ** 2).mean()
+
+    def test_step(self, batch, batch_idx):
+        return self.validation_step(batch, batch_idx)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def heldout_loader(n=20, image=False):
+    return DataLoader(DictData(n, seed=1, augment=False, image=image), batch_size=7, shuffle=True)
+
+
+def train_loader(n=48, image=False):
+    return DataLoader(DictData(n, seed=0, image=image), batch_size=8, shuffle=True)
+
+
+def trainer(tmp_path, callbacks=(), logger=False, **kw):
+    opts = dict(max_epochs=1, accelerator="cpu", devices=1, enable_progress_bar=False,
+                enable_model_summary=False, enable_checkpointing=False, logger=logger,
+                default_root_dir=str(tmp_path), callbacks=list(callbacks))
+    opts.update(kw)
+    return pl.Trainer(**opts)
+
+
+def monitor(**kw):
+    opts = dict(encoder="encoder", heldout=heldout_loader(), every_n_steps=2, input_key="x", id_key="id",
+                incoming_every_n_steps=1, incoming_max_rows=5)
+    opts.update(kw)
+    return JEPAScoreMonitor(**opts)
+
+
+def tb_tags(log_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(log_dir), size_guidance={"histograms": 0, "images": 0, "tensors": 0, "scalars": 0})
+    ea.Reload()
+    return ea
+
+
+def csv_metrics(logger):
+    import csv
+
+    with open(f"{logger.log_dir}/metrics.csv") as fh:
+        return list(csv.DictReader(fh))
+
+
+def direct_scores(module, x):
+    return score_samples(module.encoder, x)
+
+
+def test_reference_scalars_and_export_match_direct_scoring(tmp_path):
+    pl.seed_everything(0)
+    model = TinyModule()
+    held = DictData(20, seed=1, augment=False)
+    ref = direct_scores(model, held.x)  # the untrained model, exactly what fit start sees
+    cb = monitor(heldout=held.x, incoming_every_n_steps=None, every_n_steps=100)
+    logger = CSVLogger(tmp_path, name="csv")
+    trainer(tmp_path, [cb], logger=logger).fit(model, train_loader())
+    for c in ("jepa_score", "log_prior", "log_density"):
+        torch.testing.assert_close(cb.reference[c], getattr(ref, c), rtol=0, atol=0)
+    assert (cb.reference["jepa_score"] != 0).all()
+    row0 = next(r for r in csv_metrics(logger) if r.get("jepa/heldout/log_density/mean"))
+    ld = ref.log_density.double().numpy()
+    assert float(row0["jepa/heldout/log_density/mean"]) == pytest.approx(ld.mean(), rel=1e-6)
+    assert float(row0["jepa/heldout/log_density/std"]) == pytest.approx(ld.std(ddof=1), rel=1e-6)
+    assert float(row0["jepa/heldout/log_density/p5"]) == pytest.approx(np.quantile(ld, 0.05), rel=1e-6)
+    assert float(row0["jepa/heldout/log_density/drift_ks"]) == 0.0
+    assert float(row0["jepa/heldout/num_samples"]) == 20
+    out = read_scores(f"{logger.log_dir}/jepa_monitor/jepa.csv")
+    first = out["split"] == "heldout"
+    np.testing.assert_array_equal(out["sample_id"][first][:20], [str(i) for i in range(20)])
+    np.testing.assert_array_equal(out["jepa_score"][first][:20], ref.jepa_score.double().numpy())
+    np.testing.assert_array_equal(out["n_floored"][first][:20], ref.n_floored.numpy())
+
+
+def test_zero_observer_effect_bitwise(tmp_path):
+    """Dropout, shuffling and a global-RNG augmentation: any RNG draw, mode change or gradient
+    left behind by the monitor would change the final weights."""
+
+    def run(with_monitor, sub):
+        pl.seed_everything(123)
+        model = TinyModule(dropout=0.3)
+        cbs = [monitor(every_n_steps=2, incoming_every_n_steps=1)] if with_monitor else []
+        logger = TensorBoardLogger(tmp_path / sub, name="tb")
+        trainer(tmp_path / sub, cbs, logger=logger, max_epochs=2, accumulate_grad_batches=2).fit(model, train_loader())
+        return model.state_dict(), cbs
+
+    plain, _ = run(False, "a")
+    watched, cbs = run(True, "b")
+    assert len(cbs[0].history) >= 10  # it really measured, many times
+    for key in plain:
+        assert torch.equal(plain[key], watched[key]), key
+
+
+def test_gradient_accumulation_uses_own_batch_counter(tmp_path):
+    cb = monitor(every_n_steps=2, incoming_every_n_steps=3)
+    trainer(tmp_path, [cb], accumulate_grad_batches=3).fit(TinyModule(), train_loader())
+    held = [(h["batch"], h["step"]) for h in cb.history if h["split"] == "heldout"]
+    # 6 batches, an optimizer step every 3: evaluations follow batches, not optimizer steps
+    assert held == [(0, 0), (2, 0), (4, 1), (6, 2)]
+    assert [h["batch"] for h in cb.history if h["split"] == "incoming"] == [0, 3]
+
+
+def test_bf16_mixed_scores_in_full_precision(tmp_path):
+    pl.seed_everything(0)
+    model = TinyModule()
+    held = DictData(12, seed=1, augment=False).x
+    ref = direct_scores(model, held)
+    cb = monitor(heldout=held, incoming_every_n_steps=2)
+    trainer(tmp_path, [cb], precision="bf16-mixed").fit(model, train_loader())
+    torch.testing.assert_close(cb.reference["jepa_score"], ref.jepa_score, rtol=0, atol=0)
+    incoming = [h for h in cb.history if h["split"] == "incoming"]
+    assert incoming and all(math.isfinite(h["mean"]) for h in incoming)
+
+
+@pytest.mark.parametrize("stage", ["validate", "test"])
+def test_validate_and_test_under_inference_mode(tmp_path, stage):
+    pl.seed_everything(0)
+    model = TinyModule()
+    held = DictData(10, seed=1, augment=False)
+    expected = direct_scores(model, held.x).jepa_score
+    cb = monitor(heldout=held.x)
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    t = trainer(tmp_path, [cb], logger=logger)
+    assert t.validate_loop.inference_mode and t.test_loop.inference_mode
+    getattr(t, stage)(model, DataLoader(DictData(8, seed=2, augment=False), batch_size=4))
+    out = read_scores(f"{logger.log_dir}/jepa_monitor/jepa.csv")
+    assert (out["split"] == stage).sum() == 10
+    np.testing.assert_array_equal(out["jepa_score"], expected.double().numpy())
+    assert (out["jepa_score"] != 0).all()
+    tags = tb_tags(logger.log_dir).Tags()
+    assert f"jepa/hist/{stage}/jepa_score" in tags["histograms"]
+    assert cb.history[-1]["split"] == stage and cb.reference is None
+
+
+def test_no_logger_warns_once_and_still_exports(tmp_path):
+    cb = monitor(every_n_steps=2, incoming_every_n_steps=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, [cb], logger=False).fit(TinyModule(), train_loader())
+    nolog = [w for w in caught if "has no logger" in str(w.message)]
+    assert len(nolog) == 1
+    out = read_scores(tmp_path / "jepa_monitor" / "jepa.csv")
+    assert (out["split"] == "heldout").sum() == 20 * 4 and (out["split"] == "incoming").sum() == 5 * 6
+    assert set(out["sample_id"][out["split"] == "incoming"]) <= {str(1000 + i) for i in range(48)}
+
+
+def test_csv_and_tensorboard_get_every_documented_key(tmp_path):
+    tb = TensorBoardLogger(tmp_path, name="tb")
+    csvl = CSVLogger(tmp_path, name="csv")
+    cb = monitor(heldout=heldout_loader(image=True), num_images=3)
+    trainer(tmp_path, [cb], logger=[tb, csvl]).fit(TinyModule(image=True), train_loader(image=True))
+    keys = {k for row in csv_metrics(csvl) for k, v in row.items() if v != "" and k != "step"}
+    doc = JEPAScoreMonitor.__doc__
+    for key in keys:
+        name, split, *rest = key.split("/")
+        assert name == "jepa"
+        generic = "/".join(["<name>", "<split>" if split in ("heldout", "incoming") else split,
+                            *("<c>" if r in ("jepa_score", "log_prior", "log_density") else r for r in rest)])
+        assert generic.split("/")[-1] in doc and (split in ("time", "monitor") or "<split>" in generic), key
+    comps = ("jepa_score", "log_prior", "log_density")
+    stats = ("mean", "std", "p1", "p5", "p50", "p95", "drift_ks", "drift_w1")
+    expected = {f"jepa/{s}/{c}/{st}" for s in ("heldout", "incoming") for c in comps for st in stats}
+    expected |= {f"jepa/incoming/{c}/shift_{d}" for c in comps for d in ("ks", "w1")}
+    expected |= {f"jepa/{s}/{k}" for s in ("heldout", "incoming")
+                 for k in ("drift_alert", "floored_fraction", "num_samples", "nonfinite")}
+    expected |= {"jepa/time/score_seconds", "jepa/time/total_score_seconds", "jepa/time/share",
+                 "jepa/monitor/failures_total"}
+    assert expected <= keys
+    share = [float(r["jepa/time/share"]) for r in csv_metrics(csvl) if r.get("jepa/time/share")]
+    assert all(0 < s < 1 for s in share)
+    ea = tb_tags(tb.log_dir)
+    tags = ea.Tags()
+    assert {f"jepa/hist/{s}/{c}" for s in ("heldout", "incoming") for c in comps} <= set(tags["histograms"])
+    assert {"jepa/images/heldout_lowest", "jepa/images/heldout_highest"} <= set(tags["images"])
+    assert expected <= set(tags["scalars"])
+    assert "custom_scalars__config__" in tags["tensors"]
+    img = ea.Images("jepa/images/heldout_lowest")[0]
+    assert (img.width, img.height) == (3 * (3 + 2) + 2, 2 + 2 * 2)
+
+
+def test_two_instances_coexist(tmp_path):
+    a = monitor(name="a", components=("jepa_score",))
+    b = monitor(name="b", encoder=lambda m: m.encoder[:3], every_n_steps=3)
+    assert a.state_key != b.state_key
+    csvl = CSVLogger(tmp_path, name="csv")
+    t = trainer(tmp_path, [a, b], logger=csvl, enable_checkpointing=True)
+    t.fit(TinyModule(), train_loader())
+    keys = {k for row in csv_metrics(csvl) for k in row}
+    assert "a/heldout/jepa_score/mean" in keys and "a/heldout/log_density/mean" not in keys
+    assert "b/heldout/log_density/mean" in keys
+    ckpt = torch.load(t.checkpoint_callback.best_model_path, weights_only=False)
+    assert {a.state_key, b.state_key} <= set(ckpt["callbacks"])
+    assert ckpt["callbacks"][a.state_key]["batches"] == 6
+    assert len(ckpt["callbacks"][b.state_key]["history"]) == len(b.history) != len(a.history)
+    assert (tmp_path / "csv" / "version_0" / "jepa_monitor" / "a.csv").exists()
+    assert (tmp_path / "csv" / "version_0" / "jepa_monitor" / "b.csv").exists()
+
+
+def test_resume_continues_the_same_series(tmp_path):
+    def make():
+        pl.seed_everything(0)
+        return TinyModule(dropout=0.0), DataLoader(DictData(48, augment=False), batch_size=8)
+
+    model, data = make()
+    full = monitor(every_n_steps=4, incoming_every_n_steps=3, incoming_max_rows=3)
+    trainer(tmp_path / "full", [full], max_epochs=2).fit(model, data)
+
+    model, data = make()
+    first = monitor(every_n_steps=4, incoming_every_n_steps=3, incoming_max_rows=3)
+    t = trainer(tmp_path / "first", [first], max_epochs=1, enable_checkpointing=True)
+    t.fit(model, data)
+    ckpt = t.checkpoint_callback.best_model_path
+
+    model, data = make()  # a fresh process would have fresh weights: the checkpoint restores them
+    resumed = monitor(every_n_steps=4, incoming_every_n_steps=3, incoming_max_rows=3)
+    trainer(tmp_path / "resumed", [resumed], max_epochs=2).fit(model, data, ckpt_path=ckpt)
+
+    assert resumed.state_dict()["batches"] == full.state_dict()["batches"] == 12
+    for c in full.reference:
+        assert torch.equal(resumed.reference[c], full.reference[c])
+    assert len(resumed.history) == len(full.history)
+    for r, f in zip(resumed.history, full.history):
+        assert (r["batch"], r["step"], r["split"]) == (f["batch"], f["step"], f["split"])
+        assert r["mean"] == pytest.approx(f["mean"], rel=1e-6, abs=1e-6)
+        assert r["drift_ks"] == pytest.approx(f["drift_ks"], abs=1e-9)
+
+
+def test_image_grid_layout():
+    from jepa_monitor.callbacks._tensorboard import image_grid
+
+    imgs = torch.stack([torch.full((1, 2, 3), float(v)) for v in range(3)])
+    imgs[:, :, 0, 0] = -1.0  # min-max per image: the corner is 0, the rest 1 (or 0 for the constant)
+    grid = image_grid(imgs, pad=1)
+    assert grid.shape == (3, 4, 3 * 4 + 1)
+    assert grid[0, 1, 1] == 0 and grid[0, 1, 2] == 1 and grid[0, 0, 0] == 1
+    assert torch.equal(grid[0], grid[2])
