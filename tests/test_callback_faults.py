@@ -1,0 +1,163 @@
+"""JEPAScoreMonitor never costs a training run: misconfiguration fails before the first step,
+faults during the run become warnings and skipped measurements."""
+
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+from torch.utils.data import DataLoader
+
+from jepa_monitor.callbacks import JEPAScoreMonitor
+from test_callback import DictData, TinyModule, heldout_loader, monitor, train_loader, trainer
+
+
+class CountingModule(TinyModule):
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.steps = 0
+
+    def training_step(self, batch, batch_idx):
+        self.steps += 1
+        return super().training_step(batch, batch_idx)
+
+
+class DictOut(nn.Module):
+    def __init__(self, enc):
+        super().__init__()
+        self.enc = enc
+
+    def forward(self, x):
+        return {"z": self.enc(x)}
+
+
+def _int_heldout():
+    return torch.randint(0, 5, (6, 6), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(encoder="backbone.trunk"), r"encoder='backbone.trunk'.*no attribute 'backbone'.*\['encoder', 'head'\]"),
+        (dict(encoder="encoder.trunk"), r"CountingModule.encoder has no attribute 'trunk'"),
+        (dict(input_key="image"), r"input_key='image' is not in the batch; its keys are \['x', 'id'\]"),
+        (dict(id_key="uid"), r"id_key='uid' is not in the batch"),
+        (dict(heldout=DataLoader(DictData(3), batch_size=4, drop_last=True)), r"heldout yielded no samples"),
+        (dict(heldout=torch.empty(0, 6)), r"heldout yielded no samples|has no rows"),
+        (dict(encoder=lambda m: DictOut(m.encoder)), r"returned a dict with keys \['z'\]; pass output=<key>"),
+        (dict(heldout=_int_heldout()), r"dtype torch.int64, which cannot carry gradients.*input_module"),
+    ],
+)
+def test_misconfiguration_fails_before_the_first_training_step(tmp_path, kwargs, match):
+    model = CountingModule()
+    cb = monitor(**kwargs)
+    with pytest.raises(MisconfigurationException, match=match) as info:
+        trainer(tmp_path, [cb]).fit(model, train_loader())
+    assert "JEPAScoreMonitor(name='jepa')" in str(info.value)
+    assert model.steps == 0
+
+
+def test_training_batch_checked_before_its_step(tmp_path):
+    """The held-out loader is fine, the training batch lacks the key."""
+    model = CountingModule()
+    cb = monitor(heldout=DictData(6, augment=False).x, input_key="x")
+    loader = DataLoader([{"inp": torch.zeros(6)}] * 4, batch_size=2)
+    with pytest.raises(MisconfigurationException, match=r"training batch.*input_key='x' is not in the batch; its keys are \['inp'\]"):
+        trainer(tmp_path, [cb]).fit(model, loader)
+    assert model.steps == 0
+
+
+class Flaky(nn.Module):
+    """Wraps the encoder; raises on chosen calls (counted over every scoring pass)."""
+
+    def __init__(self, enc, fail_calls):
+        super().__init__()
+        self.enc = enc
+        self.fail_calls = fail_calls
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls in self.fail_calls:
+            raise RuntimeError("simulated fault inside the encoder")
+        return self.enc(x)
+
+
+def _flaky_monitor(fail_calls, **kw):
+    box = {}
+
+    def resolve(module):
+        if "flaky" not in box:
+            box["flaky"] = Flaky(module.encoder, fail_calls)
+        return box["flaky"]
+
+    # score one row per forward pass, so that one call = one measurement chunk
+    return monitor(encoder=resolve, score_options={"batch_size": 64}, **kw), box
+
+
+def test_fault_becomes_warning_and_training_continues(tmp_path):
+    # held-out has 20 rows scored in one pass (batch_size=64): call 1 is the reference, then one
+    # call per measurement. Fail the 3rd call only.
+    cb, box = _flaky_monitor({3}, every_n_steps=2, incoming_every_n_steps=1)
+    model = CountingModule()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, [cb]).fit(model, train_loader())
+    faults = [str(w.message) for w in caught if "simulated fault" in str(w.message)]
+    assert len(faults) == 1 and "measurement is skipped and training continues (1/3 in a row)" in faults[0]
+    assert model.steps == 6 and not cb.disabled
+    # 1 reference + 3 held-out + 6 incoming measurements, one of them skipped
+    assert len(cb.history) == 1 + 3 + 6 - 1
+    assert cb.state_dict()["failures_total"] == 1 and cb.state_dict()["failures"] == 0
+
+
+def test_repeated_faults_disable_the_monitor_loudly(tmp_path):
+    cb, box = _flaky_monitor(set(range(2, 1000)), every_n_steps=2, incoming_every_n_steps=1, max_failures=3)
+    model = CountingModule()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, [cb]).fit(model, train_loader())
+    msgs = [str(w.message) for w in caught]
+    assert sum("simulated fault" in m and "in a row" in m for m in msgs) == 3
+    assert sum("DISABLED after 3 consecutive scoring failures" in m for m in msgs) == 1
+    assert cb.disabled and model.steps == 6
+    assert box["flaky"].calls == 1 + 3  # nothing is scored once disabled
+    assert cb.state_dict()["disabled"]
+
+
+def test_nonfinite_rows_are_counted_not_fatal(tmp_path):
+    held = DictData(10, seed=1, augment=False).x.clone()
+    held[3] = float("nan")
+    cb = monitor(heldout=held, incoming_every_n_steps=None)
+    trainer(tmp_path, [cb]).fit(TinyModule(), train_loader())
+    ref = cb.reference["log_density"]
+    assert torch.isnan(ref[3]) and torch.isfinite(ref[torch.arange(10) != 3]).all()
+    assert all(h["mean"] == h["mean"] for h in cb.history)  # finite summaries despite the NaN row
+
+
+def test_drift_alert_on_shifted_incoming_data(tmp_path):
+    pl.seed_everything(0)
+    cb = monitor(incoming_every_n_steps=1, incoming_max_rows=8, drift_threshold=0.5)
+    shifted = DictData(48)
+    shifted.x = shifted.x * 5 + 20  # far outside the held-out data
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, [cb]).fit(TinyModule(), DataLoader(shifted, batch_size=8))
+    alerts = [str(w.message) for w in caught if "drift alert on incoming" in str(w.message)]
+    assert len(alerts) == 1  # raised when it turns on, not at every batch
+    incoming = [h for h in cb.history if h["split"] == "incoming"]
+    assert all(h["drift_ks"] > 0.5 for h in incoming)
+    assert cb.state_dict()["alerts"]["incoming"] is True
+
+
+def test_bad_arguments_fail_at_construction():
+    with pytest.raises(ValueError, match="heldout"):
+        JEPAScoreMonitor("encoder")
+    with pytest.raises(ValueError, match="components"):
+        JEPAScoreMonitor("encoder", heldout_loader(), components=("score",))
+    with pytest.raises(ValueError, match="every_n_steps"):
+        JEPAScoreMonitor("encoder", heldout_loader(), every_n_steps=0)
+    with pytest.raises(ValueError, match="export"):
+        JEPAScoreMonitor("encoder", heldout_loader(), export="xlsx")
