@@ -1,0 +1,361 @@
+"""Stochastic Lanczos quadrature (SLQ) of JEPA-SCORE, for embeddings too wide for K backward passes.
+
+½·logdet(G) = ½·tr(log G), with G = J Jᵀ (K <= D) or Jᵀ J (K > D), n = min(K, D). Hutchinson:
+tr(log G) ≈ mean over Rademacher probes v of vᵀ log(G) v, and each vᵀ log(G) v is a Gauss
+quadrature read off the Lanczos tridiagonal T of G started at v: ‖v‖²·Σⱼ τⱼ² log θⱼ (θ the Ritz
+values, τ the first components of T's eigenvectors). Products with G never form J: one
+vector-Jacobian product (reverse mode, on a graph retained from a single forward pass) and one
+Jacobian-vector product (forward mode) per Lanczos step. Cost per sample: ``num_probes ·
+min(lanczos_steps, n)`` products of each kind, against K VJPs for the exact score, so it pays off
+only for K well above ``2·num_probes·lanczos_steps`` (measured in BENCHMARKS.md).
+
+When it ranks well, and when not: Lanczos resolves the large eigenvalues of G in a few steps, but
+the quadrature smears the small ones, and Hutchinson's variance grows with the spread of log σ.
+On well-conditioned Jacobians (σ spread over a decade or two) the estimate ranks like the exact
+score (Spearman > 0.95 measured); on ill-conditioned ones (a tail of tiny σ, a near-bottleneck) the
+per-sample differences sit in that tail, which SLQ sees worst, and rankings degrade. The matrix
+products run in the model's precision (float32), so eigenvalues below ~1e-7·λ_max are noise where
+the exact path's float64 Gram still resolves them. Always check with :func:`calibrate` first.
+
+Probes are shared by all samples (same seed → the same probes for every sample in every micro-batch),
+so the estimation noise is common to all samples and largely cancels in rankings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+from torch import nn
+
+from .jacobian import NotDifferentiableError, differentiation_point
+from .outputs import OutputSelector, Pooling, embed
+
+DEFAULT_MIN_SPEARMAN = 0.9
+# A Lanczos residual this small against the largest Ritz value seen means the Krylov space is
+# exhausted (round-off after full reorthogonalisation is ~1e-16); any legitimate coupling this weak
+# changes the quadrature by O(β²), far below the float32 matrix products' own noise.
+_BREAKDOWN_REL_TOL = 1e-10
+
+
+@contextlib.contextmanager
+def _replace_output(module: Optional[nn.Module], value: torch.Tensor) -> Iterator[None]:
+    if module is None:
+        yield
+        return
+    handle = module.register_forward_hook(lambda _m, _i, _o: value)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _math_attention() -> contextlib.AbstractContextManager:
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3: nothing else to switch to
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+class _GramProducts:
+    """J·u and Jᵀ·v for a stacked batch of rows, from one retained forward graph.
+
+    Forward mode is tried first; an op without a forward-mode formula (the fused CPU attention
+    kernel has none) is retried with attention forced onto its composite "math" kernel, which
+    computes the same function; failing that, J·u is taken as the reverse-mode derivative of the
+    linear map w ↦ Jᵀw (double backward), which works for custom autograd Functions without a jvp.
+    """
+
+    def __init__(self, encoder, x, output, pool, input_module):
+        self._encoder, self._x, self._output, self._pool = encoder, x, output, pool
+        self._input_module = input_module
+        with differentiation_point(x, input_module) as holder:
+            if input_module is None:
+                raw = encoder(holder[0])
+            else:
+                raw = encoder(x)
+                if not holder:
+                    raise ValueError(
+                        f"input_module {type(input_module).__name__} was not called during the "
+                        "encoder's forward pass; pass the module whose output the encoder consumes."
+                    )
+        self.leaf = holder[0]
+        self.z = embed(raw, output, pool, x.shape[0])
+        if not self.z.requires_grad:
+            raise NotDifferentiableError(
+                "the encoder's output does not depend on its input through autograd (does the "
+                "encoder run under torch.no_grad(), call .detach(), or go through numpy?). "
+                "JEPA-SCORE needs the input Jacobian."
+            )
+        self._modes = ["forward", "forward_math_attention", "double_backward"]
+        self._transpose_graph = None
+
+    @property
+    def embed_dim(self) -> int:
+        return self.z.shape[1]
+
+    @property
+    def input_dim(self) -> int:
+        return self.leaf[0].numel()
+
+    def vjp(self, v: torch.Tensor) -> torch.Tensor:
+        """(R, K) -> (R, D): Jᵀv, row by row."""
+        (g,) = torch.autograd.grad(
+            self.z, self.leaf, grad_outputs=v.to(self.z.dtype), retain_graph=True, allow_unused=True
+        )
+        if g is None:
+            return torch.zeros(v.shape[0], self.input_dim, dtype=v.dtype, device=v.device)
+        return g.reshape(v.shape[0], -1)
+
+    def jvp(self, u: torch.Tensor) -> torch.Tensor:
+        """(R, D) -> (R, K): J·u, row by row."""
+        tangent = u.to(self.leaf.dtype).reshape(self.leaf.shape)
+        while True:
+            mode = self._modes[0]
+            try:
+                return self._jvp(mode, tangent).reshape(u.shape[0], -1)
+            except torch.OutOfMemoryError:
+                raise
+            except (NotImplementedError, RuntimeError):
+                if len(self._modes) == 1:
+                    raise
+                self._modes.pop(0)
+
+    def _function(self, e: torch.Tensor) -> torch.Tensor:
+        if self._input_module is None:
+            return embed(self._encoder(e), self._output, self._pool, e.shape[0])
+        with _replace_output(self._input_module, e):
+            return embed(self._encoder(self._x), self._output, self._pool, self._x.shape[0])
+
+    def _jvp(self, mode: str, tangent: torch.Tensor) -> torch.Tensor:
+        if mode == "double_backward":
+            if self._transpose_graph is None:
+                w = torch.zeros_like(self.z, requires_grad=True)
+                (g,) = torch.autograd.grad(self.z, self.leaf, grad_outputs=w, create_graph=True)
+                self._transpose_graph = (w, g)
+            w, g = self._transpose_graph
+            (out,) = torch.autograd.grad(g, w, grad_outputs=tangent, retain_graph=True)
+            return out
+        primal = self.leaf.detach()
+        # Forward mode needs no tape: without no_grad the re-run would record one for the
+        # parameters (which require grad) at every Lanczos step.
+        with torch.no_grad(), (_math_attention() if mode == "forward_math_attention" else contextlib.nullcontext()):
+            _, out = torch.func.jvp(self._function, (primal,), (tangent,))
+        return out
+
+
+def _rademacher(num: int, dim: int, seed: int, device: torch.device) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, 2, (num, dim), generator=gen, dtype=torch.int64) * 2 - 1).to(
+        device=device, dtype=torch.float64
+    )
+
+
+def lanczos_tridiagonal(matvec: Callable[[torch.Tensor], torch.Tensor], start: torch.Tensor, steps: int):
+    """Lanczos with full reorthogonalisation on R independent systems at once.
+
+    ``start`` (R, n) are the starting vectors (normalised here); ``matvec`` maps (R, n) float64 to
+    (R, n). Returns (alpha (R, m), beta (R, m - 1)) of each tridiagonal, m = min(steps, n). A row
+    whose Krylov space is exhausted (breakdown) stops there: its remaining α, β are 0, which
+    decouples a block that carries no quadrature weight. Rows with non-finite products stop too and
+    keep the non-finite α.
+    """
+    r, n = start.shape
+    m = min(steps, n)
+    basis = start.new_zeros(m, r, n)
+    alpha = start.new_zeros(m, r)
+    beta = start.new_zeros(m, r)
+    q = start / start.norm(dim=-1, keepdim=True)
+    q_prev = torch.zeros_like(q)
+    b_prev = start.new_zeros(r)
+    scale = start.new_zeros(r)
+    active = torch.ones(r, dtype=torch.bool, device=start.device)
+    for j in range(m):
+        basis[j] = q
+        w = matvec(q)
+        a = (w * q).sum(-1)
+        alpha[j] = torch.where(active, a, torch.zeros_like(a))
+        if j == m - 1:
+            break
+        w = w - a[:, None] * q - b_prev[:, None] * q_prev
+        # Twice is enough (Kahan/Parlett): one pass leaves O(ε·κ) components behind.
+        for _ in range(2):
+            coeff = torch.einsum("jrn,rn->jr", basis[: j + 1], w)
+            w = w - torch.einsum("jr,jrn->rn", coeff, basis[: j + 1])
+        b = w.norm(dim=-1)
+        scale = torch.maximum(scale, torch.maximum(a.abs(), b))
+        active = active & (b > _BREAKDOWN_REL_TOL * scale)
+        b = torch.where(active, b, torch.zeros_like(b))
+        beta[j] = b
+        q_prev, b_prev = q, b
+        q = torch.where(active[:, None], w / b.clamp_min(torch.finfo(b.dtype).tiny)[:, None], torch.zeros_like(w))
+        if not bool(active.any()):
+            alpha, beta = alpha[: j + 1], beta[: j + 1]
+            break
+    return alpha.T.contiguous(), beta[: alpha.shape[0] - 1].T.contiguous()
+
+
+def gauss_quadrature_nodes(alpha: torch.Tensor, beta: torch.Tensor):
+    """Nodes θ (Ritz values) and weights τ² (Σ τ² = 1) of each tridiagonal's Gauss rule."""
+    m = alpha.shape[-1]
+    t = torch.diag_embed(alpha)
+    if m > 1:
+        t = t + torch.diag_embed(beta, offset=1) + torch.diag_embed(beta, offset=-1)
+    theta, vecs = torch.linalg.eigh(t)
+    return theta, vecs[..., 0, :].square()
+
+
+def slq_chunk(
+    encoder: Callable[[torch.Tensor], Any],
+    x: torch.Tensor,
+    *,
+    output: OutputSelector = None,
+    pool: Pooling = "mean",
+    input_module: Optional[nn.Module] = None,
+    rel_floor: Optional[float] = 1e-6,
+    abs_floor: Optional[float] = None,
+    num_probes: int = 8,
+    lanczos_steps: int = 24,
+    seed: int = 0,
+):
+    """SLQ estimate of JEPA-SCORE for one micro-batch; same contract as the exact chunk.
+
+    Call inside ``scoring_context``. Returns (z detached (b, K), score float64 (b,), n_floored
+    int64 (b,), D). ``n_floored`` is the quadrature's estimate of how many eigenvalues of G lie
+    below the floor (rounded). The floor follows the exact path: eigenvalues of G (here: Ritz
+    values) below ``rel_floor²·λ_max`` (λ_max estimated by the largest Ritz value over all probes
+    of the sample) or ``abs_floor²`` are raised to it. All probes of all samples run as one stacked
+    batch of ``num_probes·b`` rows through the encoder (memory: ``num_probes`` × activations).
+    """
+    if num_probes < 1 or lanczos_steps < 1:
+        raise ValueError(f"num_probes and lanczos_steps must be >= 1; got {num_probes}, {lanczos_steps}.")
+    if (rel_floor is None) == (abs_floor is None):
+        raise ValueError("set exactly one of rel_floor and abs_floor")
+    b = x.shape[0]
+    stacked = x.repeat(num_probes, *([1] * (x.ndim - 1)))
+    ops = _GramProducts(encoder, stacked, output, pool, input_module)
+    k_dim, d_dim = ops.embed_dim, ops.input_dim
+    n = min(k_dim, d_dim)
+    if k_dim <= d_dim:
+        def matvec(v):
+            return ops.jvp(ops.vjp(v)).to(torch.float64)
+    else:
+        def matvec(v):
+            return ops.vjp(ops.jvp(v)).to(torch.float64)
+
+    probes = _rademacher(num_probes, n, seed, ops.z.device)
+    start = probes[:, None, :].expand(num_probes, b, n).reshape(num_probes * b, n)
+    alpha, beta = lanczos_tridiagonal(matvec, start, lanczos_steps)
+    finite = torch.isfinite(alpha).all(-1) & torch.isfinite(beta).all(-1)
+    alpha = torch.where(finite[:, None], alpha, torch.ones_like(alpha))
+    beta = torch.where(finite[:, None], beta, torch.zeros_like(beta))
+    theta, weight = gauss_quadrature_nodes(alpha, beta)
+    theta = theta.clamp_min(0.0).reshape(num_probes, b, -1)
+    weight = weight.reshape(num_probes, b, -1)
+    if abs_floor is not None:
+        floor = torch.full((b,), abs_floor**2, dtype=theta.dtype, device=theta.device)
+    else:
+        floor = rel_floor**2 * theta.amax(dim=(0, 2))
+    floor = floor[None, :, None]
+    # Weightless nodes (the decoupled block after a breakdown) must not turn 0·log 0 into NaN.
+    log_nodes = torch.where(weight > 0, torch.maximum(theta, floor).log(), torch.zeros_like(theta))
+    # ‖v‖² = n for a Rademacher probe.
+    score = 0.5 * n * (weight * log_nodes).sum(-1).mean(0)
+    below = n * (weight * (theta < floor)).sum(-1).mean(0)
+    sample_finite = finite.reshape(num_probes, b).all(0)
+    score = torch.where(sample_finite, score, torch.full_like(score, float("nan")))
+    n_floored = torch.where(sample_finite, below.round(), torch.zeros_like(below)).to(torch.int64)
+    return ops.z[:b].detach(), score, n_floored, d_dim
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman rank correlation (ties get their average rank), in float64."""
+
+    def ranks(v: torch.Tensor) -> torch.Tensor:
+        order = torch.argsort(v)
+        _, inverse, counts = torch.unique_consecutive(v[order], return_inverse=True, return_counts=True)
+        ends = counts.cumsum(0).to(torch.float64)
+        average = ends - (counts.to(torch.float64) - 1) / 2
+        out = torch.empty(v.shape[0], dtype=torch.float64, device=v.device)
+        out[order] = average[inverse]
+        return out
+
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = (ra.square().sum() * rb.square().sum()).sqrt()
+    return float("nan") if denom == 0 else float((ra * rb).sum() / denom)
+
+
+@dataclass
+class CalibrationReport:
+    """Approximate versus exact JEPA-SCORE on the same samples.
+
+    Attributes:
+        spearman: rank correlation between the two scores (what monitoring and curation rely on).
+        mean_bias: mean of approximate − exact, in nats.
+        max_abs_error: largest |approximate − exact|, in nats.
+        n: samples compared (rows where both scores are finite).
+        min_spearman: the threshold ``ok`` is judged against.
+        exact, approx: the float32 (B,) scores themselves.
+    """
+
+    spearman: float
+    mean_bias: float
+    max_abs_error: float
+    n: int
+    min_spearman: float
+    exact: torch.Tensor
+    approx: torch.Tensor
+
+    @property
+    def ok(self) -> bool:
+        """The approximation ranks like the exact score on this subset."""
+        return math.isfinite(self.spearman) and self.spearman >= self.min_spearman
+
+
+def calibrate(
+    encoder: Callable[[torch.Tensor], Any],
+    x: torch.Tensor,
+    *,
+    method: str = "slq",
+    approx_options: Optional[dict] = None,
+    min_spearman: float = DEFAULT_MIN_SPEARMAN,
+    **score_options: Any,
+) -> CalibrationReport:
+    """Score ``x`` (a modest subset: the exact path runs on it) both ways and compare.
+
+    Warns when the approximation's Spearman correlation with the exact score is below
+    ``min_spearman``: then use ``method="exact"`` or raise ``num_probes``/``lanczos_steps``.
+    """
+    from .scoring import score_samples
+
+    exact = score_samples(encoder, x, method="exact", **score_options).jepa_score
+    approx = score_samples(encoder, x, method=method, approx_options=approx_options, **score_options).jepa_score
+    keep = torch.isfinite(exact) & torch.isfinite(approx)
+    e, a = exact[keep].to(torch.float64), approx[keep].to(torch.float64)
+    count = int(keep.sum())
+    if count < 3:
+        raise ValueError(f"calibration needs at least 3 samples with finite scores; got {count}.")
+    diff = a - e
+    report = CalibrationReport(
+        spearman=spearman(a, e),
+        mean_bias=float(diff.mean()),
+        max_abs_error=float(diff.abs().max()),
+        n=count,
+        min_spearman=min_spearman,
+        exact=exact,
+        approx=approx,
+    )
+    if not report.ok:
+        warnings.warn(
+            f"method={method!r} ranks samples unlike the exact score on this subset "
+            f"(Spearman {report.spearman:.3f} < {min_spearman}, mean bias {report.mean_bias:.2f} nats): "
+            "use method='exact', or raise approx_options num_probes / lanczos_steps and calibrate again.",
+            stacklevel=2,
+        )
+    return report
