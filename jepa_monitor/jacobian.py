@@ -42,8 +42,14 @@ def differentiation_point(x: torch.Tensor, input_module: Optional[nn.Module]) ->
                 f"input_module {type(_module).__name__} must return a floating-point tensor to "
                 f"differentiate against; it returned {type(out).__name__}."
             )
+        if holder:
+            # A second call would make a second, independent leaf: the Jacobian with respect to
+            # only one of them is not the encoder's Jacobian, so refuse instead of half-measuring.
+            raise ValueError(
+                f"input_module {type(_module).__name__} was called more than once in one forward "
+                "pass; pass a module that the encoder calls exactly once (e.g. the token embedding)."
+            )
         leaf = out.detach().clone().requires_grad_(True)
-        holder.clear()
         holder.append(leaf)
         return leaf
 
@@ -54,13 +60,21 @@ def differentiation_point(x: torch.Tensor, input_module: Optional[nn.Module]) ->
         handle.remove()
 
 
+_NOT_DIFFERENTIABLE = (
+    "the encoder's output does not depend on its input through autograd (does the encoder run "
+    "under torch.no_grad(), call .detach(), or go through numpy?). JEPA-SCORE needs the input "
+    "Jacobian: make the forward pass differentiable with respect to x, or pass input_module=<the "
+    "first differentiable layer> when x holds ids."
+)
+
+
 def _vjp_rows_loop(z: torch.Tensor, leaf: torch.Tensor, out: torch.Tensor) -> None:
     for k in range(z.shape[1]):
         (g,) = torch.autograd.grad(z[:, k].sum(), leaf, retain_graph=True, allow_unused=True)
         if g is None:
-            out[:, k].zero_()
-        else:
-            out[:, k] = g.reshape(out.shape[0], -1)
+            # z carries a graph (through the parameters) that never reaches the input.
+            raise NotDifferentiableError(_NOT_DIFFERENTIABLE)
+        out[:, k] = g.reshape(out.shape[0], -1)
 
 
 def _vjp_rows_batched(z: torch.Tensor, leaf: torch.Tensor, out: torch.Tensor, rows: int) -> None:
@@ -73,9 +87,8 @@ def _vjp_rows_batched(z: torch.Tensor, leaf: torch.Tensor, out: torch.Tensor, ro
             z, leaf, grad_outputs=grad_out, retain_graph=True, is_grads_batched=True, allow_unused=True
         )
         if g is None:
-            out[:, start:stop].zero_()
-        else:
-            out[:, start:stop] = g.reshape(stop - start, b, -1).transpose(0, 1)
+            raise NotDifferentiableError(_NOT_DIFFERENTIABLE)
+        out[:, start:stop] = g.reshape(stop - start, b, -1).transpose(0, 1)
 
 
 def embedding_and_jacobian(
@@ -106,16 +119,14 @@ def embedding_and_jacobian(
         leaf = holder[0]
         z = embed(raw, output, pool, x.shape[0])
         if not z.requires_grad:
-            raise NotDifferentiableError(
-                "the encoder's output does not depend on its input through autograd (does the "
-                "encoder run under torch.no_grad(), call .detach(), or go through numpy?). "
-                "JEPA-SCORE needs the input Jacobian."
-            )
+            raise NotDifferentiableError(_NOT_DIFFERENTIABLE)
         b, k_dim = z.shape
         jac = torch.empty(b, k_dim, leaf[0].numel(), dtype=z.dtype, device=z.device)
         if vectorize:
             try:
                 _vjp_rows_batched(z, leaf, jac, vectorize)
+            except NotDifferentiableError:
+                raise
             except RuntimeError:
                 _vjp_rows_loop(z, leaf, jac)
         else:

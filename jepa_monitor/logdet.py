@@ -63,6 +63,7 @@ def half_logdet(
             floor = torch.full_like(eig[:, -1], abs_floor**2)
         else:
             floor = rel_floor**2 * eig[:, -1]
-        floored[slow] = (eig < floor[:, None]).sum(-1)
+        # An exactly zero Jacobian has a zero floor: count all n values as floored, not none.
+        floored[slow] = ((eig < floor[:, None]) | (eig <= 0)).sum(-1)
         score[slow] = 0.5 * torch.maximum(eig, floor[:, None]).log().sum(-1)
     return score, floored

@@ -55,10 +55,14 @@ class SampleScores:
         return min(self.embed_dim, self.input_dim)
 
 
+def _log_prior64(z: torch.Tensor) -> torch.Tensor:
+    z64 = z.to(torch.float64)
+    return -0.5 * z64.pow(2).sum(-1) - z.shape[-1] * HALF_LOG_2PI
+
+
 def gaussian_log_prior(z: torch.Tensor) -> torch.Tensor:
     """log N(z; 0, I) per row of a (B, K) embedding, computed in float64, returned float32."""
-    z64 = z.to(torch.float64)
-    return (-0.5 * z64.pow(2).sum(-1) - z.shape[-1] * HALF_LOG_2PI).to(torch.float32)
+    return _log_prior64(z).to(torch.float32)
 
 
 def _check_input(x: Any, input_module: Optional[nn.Module]) -> torch.Tensor:
@@ -142,8 +146,10 @@ def score_samples(
     n = x.shape[0]
     device = x.device
     if n == 0:
-        empty = torch.empty(0, device=device)
-        return SampleScores(empty, empty, empty, empty.long(), torch.empty(0, 0, device=device), 0, method)
+        empty = torch.empty(0, dtype=torch.float32, device=device)
+        return SampleScores(
+            empty, empty, empty, empty.long(), torch.empty(0, 0, dtype=torch.float32, device=device), 0, method
+        )
 
     zs, ss, fs = [], [], []
     d_dim = None
@@ -168,9 +174,9 @@ def score_samples(
                         rel_floor=rel, abs_floor=abs_floor, **(approx_options or {}),
                     )
             except torch.OutOfMemoryError:
-                if chunk == 1:
+                if xc.shape[0] == 1:
                     raise
-                chunk = max(1, chunk // 2)
+                chunk = max(1, xc.shape[0] // 2)
                 warnings.warn(f"out of memory while scoring; retrying with micro-batch {chunk}", stacklevel=2)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -181,15 +187,17 @@ def score_samples(
             start += xc.shape[0]
             if batch_size is None and len(zs) == 1:
                 chunk = _micro_batch(None, memory_budget, z.shape[1], d_dim)
-    z = torch.cat(zs).to(torch.float32)
+    # The prior is taken from the embedding in the encoder's own precision: a float64 encoder
+    # (e.g. an exact Gaussianizing map) must give log_density to float64 accuracy before rounding.
+    z = torch.cat(zs)
     score64 = torch.cat(ss)
-    prior = gaussian_log_prior(z)
+    prior64 = _log_prior64(z)
     return SampleScores(
         jepa_score=score64.to(torch.float32),
-        log_prior=prior,
-        log_density=(score64 + prior.to(torch.float64)).to(torch.float32),
+        log_prior=prior64.to(torch.float32),
+        log_density=(score64 + prior64).to(torch.float32),
         n_floored=torch.cat(fs),
-        embedding=z,
+        embedding=z.to(torch.float32),
         input_dim=d_dim,
         method=method,
     )
