@@ -4,8 +4,8 @@
 tr(log G) ≈ mean over Rademacher probes v of vᵀ log(G) v, and each vᵀ log(G) v is a Gauss
 quadrature read off the Lanczos tridiagonal T of G started at v: ‖v‖²·Σⱼ τⱼ² log θⱼ (θ the Ritz
 values, τ the first components of T's eigenvectors). Products with G never form J: one
-vector-Jacobian product (reverse mode, on a graph retained from a single forward pass) and one
-Jacobian-vector product (forward mode) per Lanczos step. Cost per sample: ``num_probes ·
+vector-Jacobian product and one Jacobian-vector product per Lanczos step, both backward passes
+over graphs retained from a single forward pass (see ``_GramProducts``). Cost per sample: ``num_probes ·
 min(lanczos_steps, n)`` products of each kind, against K VJPs for the exact score, so it pays off
 only for K well above ``2·num_probes·lanczos_steps`` (measured in BENCHMARKS.md).
 
@@ -65,16 +65,26 @@ def _math_attention() -> contextlib.AbstractContextManager:
 class _GramProducts:
     """J·u and Jᵀ·v for a stacked batch of rows, from one retained forward graph.
 
-    Forward mode is tried first; an op without a forward-mode formula (the fused CPU attention
-    kernel has none) is retried with attention forced onto its composite "math" kernel, which
-    computes the same function; failing that, J·u is taken as the reverse-mode derivative of the
-    linear map w ↦ Jᵀw (double backward), which works for custom autograd Functions without a jvp.
+    Jᵀv is one backward pass. J·u is the derivative of the linear map w ↦ Jᵀw, i.e. a backward
+    pass through the graph of that first backward ("double backward"); it reuses the retained
+    forward, where forward mode re-runs it: measured on CPU (benchmarks/bench_scorer.py models,
+    128 rows) double backward took 12 ms against 45-63 ms for forward mode on the MLP, the same
+    on the CNN, and 0.22 s against 0.55 s on the ViT. Ops without a double backward (the fused CPU
+    attention kernel has none, nor a forward-mode rule) get the forward graph rebuilt with attention
+    forced onto its composite "math" kernel, which computes the same function; failing that,
+    forward mode (``torch.func.jvp``) re-runs the encoder for each product.
     """
 
     def __init__(self, encoder, x, output, pool, input_module):
         self._encoder, self._x, self._output, self._pool = encoder, x, output, pool
         self._input_module = input_module
-        with differentiation_point(x, input_module) as holder:
+        self._strategies = ["double_backward", "double_backward_math_attention", "forward_mode"]
+        self._build(math_attention=False)
+
+    def _build(self, math_attention: bool) -> None:
+        encoder, x, input_module = self._encoder, self._x, self._input_module
+        kernel = _math_attention() if math_attention else contextlib.nullcontext()
+        with kernel, differentiation_point(x, input_module) as holder:
             if input_module is None:
                 raw = encoder(holder[0])
             else:
@@ -85,15 +95,18 @@ class _GramProducts:
                         "encoder's forward pass; pass the module whose output the encoder consumes."
                     )
         self.leaf = holder[0]
-        self.z = embed(raw, output, pool, x.shape[0])
+        self.z = embed(raw, self._output, self._pool, x.shape[0])
         if not self.z.requires_grad:
             raise NotDifferentiableError(
                 "the encoder's output does not depend on its input through autograd (does the "
                 "encoder run under torch.no_grad(), call .detach(), or go through numpy?). "
                 "JEPA-SCORE needs the input Jacobian."
             )
-        self._modes = ["forward", "forward_math_attention", "double_backward"]
         self._transpose_graph = None
+
+    @property
+    def strategy(self) -> str:
+        return self._strategies[0]
 
     @property
     def embed_dim(self) -> int:
@@ -116,15 +129,16 @@ class _GramProducts:
         """(R, D) -> (R, K): J·u, row by row."""
         tangent = u.to(self.leaf.dtype).reshape(self.leaf.shape)
         while True:
-            mode = self._modes[0]
             try:
-                return self._jvp(mode, tangent).reshape(u.shape[0], -1)
+                return self._jvp(tangent).reshape(u.shape[0], -1)
             except torch.OutOfMemoryError:
                 raise
             except (NotImplementedError, RuntimeError):
-                if len(self._modes) == 1:
+                if len(self._strategies) == 1:
                     raise
-                self._modes.pop(0)
+                self._strategies.pop(0)
+                if self.strategy == "double_backward_math_attention":
+                    self._build(math_attention=True)
 
     def _function(self, e: torch.Tensor) -> torch.Tensor:
         if self._input_module is None:
@@ -132,8 +146,8 @@ class _GramProducts:
         with _replace_output(self._input_module, e):
             return embed(self._encoder(self._x), self._output, self._pool, self._x.shape[0])
 
-    def _jvp(self, mode: str, tangent: torch.Tensor) -> torch.Tensor:
-        if mode == "double_backward":
+    def _jvp(self, tangent: torch.Tensor) -> torch.Tensor:
+        if self.strategy != "forward_mode":
             if self._transpose_graph is None:
                 w = torch.zeros_like(self.z, requires_grad=True)
                 (g,) = torch.autograd.grad(self.z, self.leaf, grad_outputs=w, create_graph=True)
@@ -141,11 +155,10 @@ class _GramProducts:
             w, g = self._transpose_graph
             (out,) = torch.autograd.grad(g, w, grad_outputs=tangent, retain_graph=True)
             return out
-        primal = self.leaf.detach()
         # Forward mode needs no tape: without no_grad the re-run would record one for the
         # parameters (which require grad) at every Lanczos step.
-        with torch.no_grad(), (_math_attention() if mode == "forward_math_attention" else contextlib.nullcontext()):
-            _, out = torch.func.jvp(self._function, (primal,), (tangent,))
+        with torch.no_grad(), _math_attention():
+            _, out = torch.func.jvp(self._function, (self.leaf.detach(),), (tangent,))
         return out
 
 
