@@ -17,6 +17,10 @@ from torch import nn
 
 @contextlib.contextmanager
 def _eval_mode(module: object) -> Iterator[None]:
+    # A bound method (``model.encode``) is as common an encoder as the module itself.
+    owner = getattr(module, "__self__", None)
+    if not isinstance(module, nn.Module) and isinstance(owner, nn.Module):
+        module = owner
     if not isinstance(module, nn.Module):
         yield
         return
@@ -31,8 +35,35 @@ def _eval_mode(module: object) -> Iterator[None]:
             m.training = was_training
 
 
+def _precision_switches() -> list:
+    """The backends' ``fp32_precision`` settings (torch >= 2.9), root first.
+
+    Root first because setting a parent propagates to its children; restoring in the same order
+    puts every child back to its own value.
+    """
+    b = torch.backends
+    candidates = [b, getattr(b, "cuda", None), getattr(b, "cudnn", None), getattr(b, "mkldnn", None)]
+    for parent in (getattr(b, "cuda", None), getattr(b, "cudnn", None), getattr(b, "mkldnn", None)):
+        for child in ("matmul", "conv", "rnn"):
+            candidates.append(getattr(parent, child, None))
+    return [c for c in candidates if c is not None and hasattr(c, "fp32_precision")]
+
+
 @contextlib.contextmanager
-def _full_precision(device: torch.device) -> Iterator[None]:
+def _full_fp32_matmul() -> Iterator[None]:
+    switches = _precision_switches()
+    if switches:
+        # The per-backend API covers oneDNN on CPU too ("medium" there means bf16 matmuls). The
+        # legacy getters raise once user code has mixed both APIs, so they are never read here.
+        saved = [(s, s.fp32_precision) for s in switches]
+        for s in switches:
+            s.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            for s, value in saved:
+                s.fp32_precision = value
+        return
     matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
     cudnn_tf32 = torch.backends.cudnn.allow_tf32
     precision = torch.get_float32_matmul_precision()
@@ -40,15 +71,21 @@ def _full_precision(device: torch.device) -> Iterator[None]:
     torch.backends.cudnn.allow_tf32 = False
     torch.set_float32_matmul_precision("highest")
     try:
-        with contextlib.ExitStack() as stack:
-            for device_type in {"cpu", device.type}:
-                if device_type in ("cpu", "cuda") and (device_type == "cpu" or torch.cuda.is_available()):
-                    stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
-            yield
+        yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
         torch.backends.cudnn.allow_tf32 = cudnn_tf32
         torch.set_float32_matmul_precision(precision)
+
+
+@contextlib.contextmanager
+def _full_precision(device: torch.device) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_full_fp32_matmul())
+        for device_type in {"cpu", device.type}:
+            if device_type in ("cpu", "cuda") and (device_type == "cpu" or torch.cuda.is_available()):
+                stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
+        yield
 
 
 @contextlib.contextmanager
