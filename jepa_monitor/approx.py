@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import nn
 
-from .jacobian import NotDifferentiableError, differentiation_point
+from .jacobian import _NOT_DIFFERENTIABLE, NotDifferentiableError, differentiation_point
 from .outputs import OutputSelector, Pooling, embed
 
 DEFAULT_MIN_SPEARMAN = 0.9
@@ -97,11 +97,7 @@ class _GramProducts:
         self.leaf = holder[0]
         self.z = embed(raw, self._output, self._pool, x.shape[0])
         if not self.z.requires_grad:
-            raise NotDifferentiableError(
-                "the encoder's output does not depend on its input through autograd (does the "
-                "encoder run under torch.no_grad(), call .detach(), or go through numpy?). "
-                "JEPA-SCORE needs the input Jacobian."
-            )
+            raise NotDifferentiableError(_NOT_DIFFERENTIABLE)
         self._transpose_graph = None
 
     @property
@@ -122,7 +118,7 @@ class _GramProducts:
             self.z, self.leaf, grad_outputs=v.to(self.z.dtype), retain_graph=True, allow_unused=True
         )
         if g is None:
-            return torch.zeros(v.shape[0], self.input_dim, dtype=v.dtype, device=v.device)
+            raise NotDifferentiableError(_NOT_DIFFERENTIABLE)
         return g.reshape(v.shape[0], -1)
 
     def jvp(self, u: torch.Tensor) -> torch.Tensor:
@@ -279,7 +275,8 @@ def slq_chunk(
     log_nodes = torch.where(weight > 0, torch.maximum(theta, floor).log(), torch.zeros_like(theta))
     # ‖v‖² = n for a Rademacher probe.
     score = 0.5 * n * (weight * log_nodes).sum(-1).mean(0)
-    below = n * (weight * (theta < floor)).sum(-1).mean(0)
+    # As on the exact path, an exactly zero Jacobian (floor 0) counts all its values as floored.
+    below = n * (weight * ((theta < floor) | (theta <= 0))).sum(-1).mean(0)
     sample_finite = finite.reshape(num_probes, b).all(0)
     score = torch.where(sample_finite, score, torch.full_like(score, float("nan")))
     n_floored = torch.where(sample_finite, below.round(), torch.zeros_like(below)).to(torch.int64)

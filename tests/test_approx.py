@@ -13,6 +13,7 @@ from torch.autograd.function import once_differentiable
 
 from jepa_monitor import score_samples
 from jepa_monitor.approx import CalibrationReport, calibrate, slq_chunk, spearman
+from jepa_monitor.jacobian import NotDifferentiableError
 
 
 def brute_gram(encoder, x):
@@ -275,3 +276,15 @@ def test_calibrate_reports_numbers_that_match_scipy():
     with pytest.warns(UserWarning, match="Spearman"):
         poor = calibrate(net, x, approx_options=dict(num_probes=2, lanczos_steps=6))
     assert not poor.ok and poor.spearman < 0.9
+
+
+def test_zero_jacobian_and_input_free_graph_follow_the_exact_path():
+    lin = nn.Linear(6, 3)
+    x = torch.randn(2, 6)
+    opts = dict(num_probes=2, lanczos_steps=3)
+    zero = score_samples(lambda v: 0 * lin(v), x, method="slq", approx_options=opts)
+    exact = score_samples(lambda v: 0 * lin(v), x)
+    assert torch.equal(zero.jepa_score, exact.jepa_score)  # -inf
+    assert torch.equal(zero.n_floored, exact.n_floored)  # all 3
+    with pytest.raises(NotDifferentiableError):
+        score_samples(lambda v: lin.weight.sum() + 0 * v[:, :3].detach(), x, method="slq")
