@@ -110,7 +110,8 @@ def embedding_and_jacobian(
         if input_module is None:
             raw = encoder(holder[0])
         else:
-            raw = encoder(x)
+            # Inference tensors (ids fetched under inference_mode) cannot be saved for backward.
+            raw = encoder(x.clone() if x.is_inference() else x)
             if not holder:
                 raise ValueError(
                     f"input_module {type(input_module).__name__} was not called during the encoder's "
