@@ -27,6 +27,11 @@ from ._distributed import gather_objects, gather_rows
 from ._tensorboard import custom_scalars_layout, image_grid, tensorboard_writers
 
 COMPONENTS = ("jepa_score", "log_prior", "log_density")
+
+
+def _message(err: BaseException) -> str:
+    # str(KeyError) wraps the message in quotes
+    return str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
 # Packed row layout for gathering: the three components, n_floored, rank_dim, row index, embedding.
 _N_META = 6
 
@@ -346,7 +351,7 @@ class JEPAScoreMonitor(Callback):
         except MisconfigurationException:
             raise
         except Exception as err:
-            raise MisconfigurationException(f"{self._tag}: {err}") from err
+            raise MisconfigurationException(f"{self._tag}: {_message(err)}") from err
 
     # ------------------------------------------------------------------ Lightning hooks
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -427,7 +432,7 @@ class JEPAScoreMonitor(Callback):
                     "for token ids pass score_options={'input_module': '<dotted path of the embedding layer>'}."
                 )
         except Exception as err:
-            raise MisconfigurationException(f"{self._tag}: in the training batch: {err}") from err
+            raise MisconfigurationException(f"{self._tag}: in the training batch: {_message(err)}") from err
         self._checked_train_batch = True
 
     def _score_rows(self, pl_module: LightningModule, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -453,7 +458,7 @@ class JEPAScoreMonitor(Callback):
             rows = compute()
         except Exception as e:  # a fault inside scoring must never end the training run
             if strict:
-                raise MisconfigurationException(f"{self._tag}: scoring the {what} failed: {e}") from e
+                raise MisconfigurationException(f"{self._tag}: scoring the {what} failed: {_message(e)}") from e
             err = e
         gathered = gather_rows(trainer.strategy, rows, trainer.world_size)
         seconds = time.perf_counter() - start
