@@ -7,9 +7,10 @@ of the core (:func:`jepa_monitor.score_samples`, :mod:`jepa_monitor.statistics`)
 from __future__ import annotations
 
 import functools
+import os
 import time
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -92,8 +93,9 @@ class JEPAScoreMonitor(Callback):
     Args:
         encoder: dotted attribute path on the LightningModule (``"encoder"``, ``"backbone.trunk"``;
             ``""`` for the module itself) or a callable ``module -> encoder``.
-        heldout: a DataLoader (or iterable of batches) or a tensor of held-out samples. At most
-            ``heldout_max_samples`` rows are read, once, and kept in CPU memory.
+        heldout: a DataLoader (or iterable of batches, laid out as training batches), a tensor of
+            held-out samples, or the path of a ``torch.save``-d tensor or dict batch (for YAML
+            configs). At most ``heldout_max_samples`` rows are read, once, and kept in CPU memory.
         every_n_steps: held-out evaluation every this many training batches.
         input_key: where the input sits in a batch: dict key, tuple/list index, attribute name; 0 or
             None for a bare tensor.
@@ -119,7 +121,7 @@ class JEPAScoreMonitor(Callback):
     def __init__(
         self,
         encoder: Union[str, Callable[[LightningModule], Callable]] = "encoder",
-        heldout: Any = None,
+        heldout: Union[str, os.PathLike, torch.Tensor, Iterable, None] = None,
         *,
         every_n_steps: int = 500,
         input_key: Key = 0,
@@ -310,7 +312,14 @@ class JEPAScoreMonitor(Callback):
         ids: List[str] = []
         have_ids = True
         n = 0
-        if isinstance(self.heldout, torch.Tensor):
+        if isinstance(self.heldout, (str, os.PathLike)):
+            # A file saved with torch.save: a tensor, or one dict batch read with input_key/id_key
+            # (the form a LightningCLI YAML config can name).
+            loaded = torch.load(self.heldout, map_location="cpu", weights_only=True)
+            batches, key, id_key = [loaded], (0 if isinstance(loaded, torch.Tensor) else self.input_key), self.id_key
+            if isinstance(loaded, torch.Tensor):
+                id_key = None
+        elif isinstance(self.heldout, torch.Tensor):
             batches: Any = [self.heldout]
             key: Key = 0
             id_key: Key = None

@@ -287,3 +287,16 @@ def test_image_grid_layout():
     assert grid.shape == (3, 4, 3 * 4 + 1)
     assert grid[0, 1, 1] == 0 and grid[0, 1, 2] == 1 and grid[0, 0, 0] == 1
     assert torch.equal(grid[0], grid[2])
+
+
+def test_heldout_from_a_saved_file(tmp_path):
+    held = DictData(9, seed=1, augment=False)
+    torch.save({"x": held.x, "id": torch.arange(9) + 50}, tmp_path / "held.pt")
+    pl.seed_everything(0)
+    model = TinyModule()
+    expected = direct_scores(model, held.x).log_density
+    cb = monitor(heldout=str(tmp_path / "held.pt"), incoming_every_n_steps=None)
+    trainer(tmp_path, [cb]).fit(model, train_loader())
+    torch.testing.assert_close(cb.reference["log_density"], expected, rtol=0, atol=0)
+    out = read_scores(cb.export_file)
+    assert out["sample_id"][:9].tolist() == [str(50 + i) for i in range(9)]
