@@ -1,0 +1,304 @@
+"""Curation policies: pure functions against hand-computed numbers, policies against exact scoring."""
+
+from __future__ import annotations
+
+import functools
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from jepa_monitor import gaussian_log_prior, score_samples
+from jepa_monitor.embedding import cheap_embedder, embed_only
+from jepa_monitor.policies import (
+    Drop,
+    Reweight,
+    drop_mask,
+    median_below,
+    reference_quantile,
+    soft_weights,
+    undecided_rows,
+)
+
+NAN, INF = float("nan"), float("inf")
+
+
+def table_scorer(calls=None):
+    """score_fn whose every component is the first input column; records the rows it scored."""
+
+    def score_fn(x):
+        if calls is not None:
+            calls.append(x.shape[0])
+        s = x[:, 0].float()
+        return SimpleNamespace(log_density=s, jepa_score=s, log_prior=s)
+
+    return score_fn
+
+
+def rows(values):
+    return torch.tensor(values, dtype=torch.float32).reshape(-1, 1)
+
+
+# ---------------------------------------------------------------------------------- pure functions
+def test_reference_quantile_matches_numpy_and_ignores_nonfinite():
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(101, generator=g)
+    expected = np.quantile(ref.numpy().astype(np.float64), 0.05)
+    with_junk = torch.cat([ref, torch.tensor([NAN, INF, -INF])])
+    assert reference_quantile(with_junk, 0.05) == pytest.approx(expected, abs=1e-12)
+    with pytest.raises(ValueError, match="no finite score"):
+        reference_quantile(torch.tensor([NAN, INF]), 0.05)
+
+
+def test_drop_mask_threshold_nonfinite_and_min_keep():
+    s = torch.tensor([3.0, 1.0, NAN, 5.0, 2.0, INF])
+    assert drop_mask(s, 2.5).tolist() == [True, False, False, True, False, False]
+    # min_keep adds back the best dropped rows: 2.0 first, then 1.0, non-finite ones last.
+    assert drop_mask(s, 2.5, min_keep=3).tolist() == [True, False, False, True, True, False]
+    assert drop_mask(s, 2.5, min_keep=4).tolist() == [True, True, False, True, True, False]
+    assert drop_mask(s, 2.5, min_keep=10).all()
+    assert drop_mask(torch.tensor([1.0, 1.0, 1.0]), 5.0, min_keep=2).tolist() == [True, True, False]
+    assert drop_mask(torch.tensor([NAN, NAN]), 0.0, min_keep=1).tolist() == [True, False]
+
+
+def test_soft_weights_exact_values():
+    s = torch.tensor([-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, NAN, INF, -INF])
+    # u = s/4 + 1/2 clamped to [0, 1], w = 3u² - 2u³.
+    expected = [0.0, 0.0, 0.15625, 0.5, 0.84375, 1.0, 1.0, 0.0, 0.0, 0.0]
+    assert soft_weights(s, 0.0, 2.0).tolist() == expected
+    assert soft_weights(s + 10, 10.0, 2.0).tolist() == expected
+    assert soft_weights(s, 0.5, 0.0).tolist() == [0, 0, 0, 0, 1, 1, 1, 0, 0, 0]
+
+
+def test_undecided_rows_and_median_below():
+    cheap = torch.tensor([-10.0, -5.0, -3.0, 0.0, NAN])
+    # Full score in [cheap - 2, cheap + 1]; Drop's band is the threshold -4 alone.
+    assert undecided_rows(cheap, -2.0, 1.0, -4.0, -4.0).tolist() == [False, True, True, False, False]
+    assert undecided_rows(cheap, -2.0, 1.0, -4.0, 10.0).tolist() == [False, True, True, True, False]
+    assert median_below(torch.tensor([1.0, 2.0, NAN, NAN]), 1.5)
+    assert not median_below(torch.tensor([1.0, 2.0, 3.0, NAN]), 1.5)
+
+
+# ---------------------------------------------------------------------------------- Drop
+def test_threshold_comes_from_the_reference_not_the_batch():
+    policy = Drop(quantile=0.05)
+    policy.calibrate(torch.arange(100, dtype=torch.float32))
+    assert policy.threshold == pytest.approx(4.95)
+    clean = policy.decide_batch(table_scorer(), rows(range(100)), step=0)
+    assert clean.active and (~clean.keep).sum() == 5 and clean.keep[5:].all()
+    # A batch that is all junk loses every row but the best one.
+    junk = policy.decide_batch(table_scorer(), rows([-9.0, 1.0, 4.0, -3.0]), step=1)
+    assert junk.keep.tolist() == [False, False, True, False]
+    assert junk.weight.tolist() == [0.0, 0.0, 1.0, 0.0]
+    assert policy.counts["rows_dropped"] == 8 and policy.counts["rows"] == 104
+
+
+def test_mapping_reference_and_absolute_threshold():
+    policy = Drop(threshold=10.0)
+    assert policy.is_active(step=0)  # an absolute threshold needs no reference
+    policy.calibrate({"log_density": torch.arange(100.0), "jepa_score": torch.zeros(100), "log_prior": torch.arange(100.0)})
+    assert policy.threshold == 10.0 and policy.reference_low == pytest.approx(4.95)
+    d = policy.decide_batch(table_scorer(), rows([9.0, 10.0, 11.0]), step=0)
+    assert d.keep.tolist() == [False, True, True]
+    with pytest.raises(KeyError, match="log_density"):
+        policy.calibrate({"jepa_score": torch.zeros(3)})
+
+
+def test_inactive_without_reference_before_warmup_and_off_cadence():
+    calls = []
+    assert not Drop().decide_batch(table_scorer(calls), rows([-100.0]), step=0).active
+    policy = Drop(warmup=3, every_n_steps=2)
+    policy.calibrate(torch.arange(100.0))
+    active = [policy.decide_batch(table_scorer(calls), rows([-100.0, 50.0]), step=s).active for s in range(7)]
+    assert active == [False, False, False, False, True, False, True]
+    assert calls == [2, 2]  # an inactive step costs nothing
+    passed = policy.decide_batch(table_scorer(), rows([-100.0, 50.0]), step=5)
+    assert passed.keep.all() and passed.weight.tolist() == [1.0, 1.0] and passed.scores.isnan().all()
+
+
+def test_trust_warmup():
+    from jepa_monitor.diagnostics import TRUST_THRESHOLD
+
+    policy = Drop(warmup="trust")
+    assert policy.trust_threshold == TRUST_THRESHOLD
+    policy.calibrate(torch.arange(100.0))
+    assert not policy.is_active(10, trust=None)
+    assert not policy.is_active(10, trust=TRUST_THRESHOLD - 0.01)
+    assert not policy.is_active(10, trust=NAN)
+    assert policy.is_active(10, trust=TRUST_THRESHOLD)
+    assert Drop(warmup="trust", trust_threshold=0.9).is_active(0, trust=0.95) is False  # no reference yet
+
+
+def test_nonfinite_rows_are_dropped_and_counted():
+    policy = Drop(quantile=0.05)
+    policy.calibrate(torch.arange(100.0))
+    d = policy.decide_batch(table_scorer(), rows([50.0, NAN, INF, 60.0]), step=0)
+    assert d.keep.tolist() == [True, False, False, True]
+    assert d.n_nonfinite == 2 and policy.counts["rows_nonfinite"] == 2
+    w = Reweight()
+    w.calibrate(torch.arange(100.0))
+    assert w.decide_batch(table_scorer(), rows([NAN, -INF]), step=0).weight.tolist() == [0.0, 0.0]
+
+
+def test_noisy_batch_rule():
+    policy = Drop(quantile=0.05, batch_anomaly=0.2, anomalous_batch_weight=0.25)
+    policy.calibrate(torch.arange(101.0))  # 0.2-quantile = 20
+    normal = policy.decide_batch(table_scorer(), rows([10.0, 30.0, 60.0]), step=0)
+    assert normal.batch_weight == 1.0
+    noisy = policy.decide_batch(table_scorer(), rows([10.0, 15.0, 60.0]), step=1)
+    assert noisy.batch_weight == 0.25 and noisy.weight.tolist() == [0.25, 0.25, 0.25]
+    assert policy.counts["anomalous_batches"] == 1
+
+
+# ---------------------------------------------------------------------------------- Reweight
+def test_reweight_scale_from_reference_spread():
+    policy = Reweight(quantile=0.05, temperature=0.5)
+    policy.calibrate(torch.arange(101.0))  # q05 = 5, median = 50
+    assert policy.scale == pytest.approx(22.5)
+    d = policy.decide_batch(table_scorer(), rows([5.0, 27.5, 50.0, -17.5, 16.25]), step=0)
+    assert d.keep.all()
+    assert d.weight.tolist() == pytest.approx([0.5, 1.0, 1.0, 0.0, 0.84375])
+
+
+# ---------------------------------------------------------------------------------- the gate
+class _Asinh(nn.Module):
+    """z = asinh(W x): maps x = W⁻¹ sinh(ε), ε ~ N(0, I), exactly onto N(0, I), so the prior term
+    carries information, as it does for an encoder trained towards Gaussian embeddings."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.register_buffer("w", torch.randn(4, 4, generator=g, dtype=torch.float64) + 2 * torch.eye(4, dtype=torch.float64))
+
+    def forward(self, x):
+        return torch.asinh(x @ self.w.T)
+
+
+def _encoder():
+    return _Asinh()
+
+
+def _reference_and_batch():
+    enc = _encoder()
+    g = torch.Generator().manual_seed(1)
+    u = torch.sinh(torch.randn(496, 4, generator=g, dtype=torch.float64))
+    u[400:408] += 6.0  # far off the data
+    x = u @ torch.linalg.inv(enc.w).T
+    return x[:400], x[400:]
+
+
+@pytest.mark.parametrize("policy_type", [Drop, Reweight])
+def test_gate_gives_the_exact_decision_with_fewer_jacobians(policy_type):
+    enc = _encoder()
+    score_fn = functools.partial(score_samples, enc)
+    ref, x = _reference_and_batch()
+    s = score_fn(ref)
+    reference = {"jepa_score": s.jepa_score, "log_prior": s.log_prior, "log_density": s.log_density}
+    gated, exact = policy_type(), policy_type(gate=False)
+    gated.calibrate(reference)
+    exact.calibrate(reference)
+    dg = gated.decide_batch(score_fn, x, step=0)
+    de = exact.decide_batch(score_fn, x, step=0)
+
+    assert de.n_scored == 96 and 0 < dg.n_scored < 96
+    assert torch.equal(dg.keep, de.keep) and torch.equal(dg.weight, de.weight)
+    assert gated.counts["rows_outside_gate"] == 0
+    truth = score_fn(x).log_density
+    computed = ~dg.scores.isnan()
+    assert int(computed.sum()) == dg.n_scored
+    torch.testing.assert_close(dg.scores[computed], truth[computed])
+    assert (~dg.keep[:8]).all() if policy_type is Drop else (dg.weight[:8] == 0).all()
+
+
+def test_gate_counts_rows_outside_the_reference_jacobian_range():
+    enc = _encoder()
+    score_fn = functools.partial(score_samples, enc)
+    ref, x = _reference_and_batch()
+    s = score_fn(ref)
+    policy = Drop(gate_margin=0.0)
+    # A reference whose Jacobian term reads 3 nats low: rows above its range get scored and counted.
+    policy.calibrate({"jepa_score": s.jepa_score - 3.0, "log_prior": s.log_prior, "log_density": s.log_density})
+    d = policy.decide_batch(score_fn, x, step=0)
+    lo, hi = policy.jacobian_range
+    assert (lo, hi) == (float((s.jepa_score - 3.0).min()), float((s.jepa_score - 3.0).max()))
+    j = score_fn(x).jepa_score.double()[~d.scores.isnan()]
+    expected = int(((j < lo) | (j > hi)).sum())
+    assert 0 < expected == policy.counts["rows_outside_gate"] <= d.n_scored
+
+
+def test_log_prior_needs_no_jacobian_and_jepa_score_cannot_be_gated():
+    enc = _encoder()
+    calls = []
+
+    def score_fn(x):
+        calls.append(x.shape[0])
+        return score_samples(enc, x)
+
+    ref, x = _reference_and_batch()
+    s = score_samples(enc, ref)
+    reference = {"jepa_score": s.jepa_score, "log_prior": s.log_prior, "log_density": s.log_density}
+    prior = Drop(score_key="log_prior")
+    prior.calibrate(reference)
+    d = prior.decide_batch(score_fn, x, 0, embed_fn=functools.partial(embed_only, enc))
+    assert calls == [] and d.n_scored == 0
+    expected = gaussian_log_prior(enc(x).detach())
+    torch.testing.assert_close(d.scores, expected)
+    assert torch.equal(d.keep, drop_mask(expected, prior.threshold))
+
+    raw = Drop(score_key="jepa_score")
+    raw.calibrate(reference)
+    assert raw.decide_batch(functools.partial(score_samples, enc), x, 0).n_scored == 96
+
+
+def test_state_dict_round_trip_reproduces_decisions():
+    enc = _encoder()
+    score_fn = functools.partial(score_samples, enc)
+    ref, x = _reference_and_batch()
+    s = score_fn(ref)
+    a = Reweight(batch_anomaly=0.01)
+    a.calibrate({"jepa_score": s.jepa_score, "log_prior": s.log_prior, "log_density": s.log_density})
+    a.decide_batch(score_fn, x[:50], 0)
+    b = Reweight(batch_anomaly=0.01)
+    b.load_state_dict(a.state_dict())
+    assert b.state_dict() == a.state_dict()
+    da, db = a.decide_batch(score_fn, x[50:], 1), b.decide_batch(score_fn, x[50:], 1)
+    assert torch.equal(da.weight, db.weight) and da.n_scored == db.n_scored
+    assert a.state_dict() == b.state_dict()
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: Drop(quantile=0.0), "quantile"),
+        (lambda: Drop(score_key="density"), "score_key"),
+        (lambda: Drop(warmup=-1), "warmup"),
+        (lambda: Drop(warmup="later"), "warmup"),
+        (lambda: Drop(min_keep=0), "min_keep"),
+        (lambda: Drop(every_n_steps=0), "every_n_steps"),
+        (lambda: Drop(batch_anomaly=0.7), "batch_anomaly"),
+        (lambda: Reweight(temperature=-1.0), "temperature"),
+    ],
+)
+def test_bad_arguments_name_the_culprit(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+# ---------------------------------------------------------------------------------- embedding
+def test_embed_only_matches_scoring_and_restores_modes():
+    torch.manual_seed(0)
+    enc = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 3))
+    enc.train()
+    x = torch.randn(10, 6, generator=torch.Generator().manual_seed(2))
+    rng = torch.get_rng_state()
+    z = embed_only(enc, x)
+    assert enc.training and all(m.training for m in enc.modules())
+    assert torch.equal(torch.get_rng_state(), rng)
+    torch.testing.assert_close(z, score_samples(enc, x).embedding)
+    assert not z.requires_grad
+
+    embed_fn = cheap_embedder(functools.partial(score_samples, enc, pool="mean"))
+    torch.testing.assert_close(embed_fn(x), z)
+    assert cheap_embedder(lambda v: score_samples(enc, v)) is None
