@@ -14,7 +14,7 @@ from jepa_monitor.evaluation import SCORE_NAMES, compare_scores, ood_metrics, ra
 
 def _fpr95_by_hand(inl: np.ndarray, out: np.ndarray) -> float:
     # The highest threshold that keeps >= 95% of inliers is the ceil(0.95 n)-th largest inlier score.
-    n_keep = math.ceil(0.95 * len(inl))
+    n_keep = -(-95 * len(inl) // 100)  # ceil(0.95 n) in integers
     threshold = np.sort(inl)[::-1][n_keep - 1]
     return float((out >= threshold).mean())
 
@@ -31,6 +31,15 @@ def test_ood_metrics_match_sklearn_and_hand_fpr95():
     assert m["auroc"].item() == pytest.approx(_auroc_ref(inl.numpy(), out.numpy()), abs=1e-6)
     assert m["fpr95"].item() == pytest.approx(_fpr95_by_hand(inl.numpy(), out.numpy()), abs=1e-6)
     assert 0.0 < m["fpr95"].item() < 1.0
+
+
+def test_fpr95_for_every_small_set_size():
+    g = torch.Generator().manual_seed(3)
+    for n in range(1, 61):
+        inl = torch.randn(n, generator=g) + 0.5
+        out = torch.randn(17, generator=g)
+        expected = _fpr95_by_hand(inl.numpy(), out.numpy())
+        assert ood_metrics(inl, out)["fpr95"].item() == pytest.approx(expected, abs=1e-6), n
 
 
 def test_ood_metrics_small_case_worked_by_hand():
