@@ -162,8 +162,9 @@ def test_out_of_memory_retries_with_smaller_micro_batch():
     model = _mlp()
     x = torch.randn(11, 10, generator=_gen(7))
     encoder = OOMAbove(model, limit=3)
-    with pytest.warns(UserWarning, match="out of memory while scoring; retrying with micro-batch 2"):
+    with pytest.warns(UserWarning, match="out of memory while scoring") as record:
         got = score_samples(encoder, x, batch_size=8)
+    assert [str(w.message)[-1] for w in record] == ["4", "2"]
     assert encoder.sizes[:3] == [8, 4, 2] and max(encoder.sizes[3:]) == 2
     # The retry ends on micro-batches of 2: bitwise what batch_size=2 gives.
     assert torch.equal(got.jepa_score, score_samples(model, x, batch_size=2).jepa_score)
