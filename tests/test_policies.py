@@ -17,6 +17,7 @@ from jepa_monitor.policies import (
     Reweight,
     drop_mask,
     median_below,
+    nearest_rows,
     reference_quantile,
     soft_weights,
     undecided_rows,
@@ -70,6 +71,16 @@ def test_soft_weights_exact_values():
     assert soft_weights(s, 0.0, 2.0).tolist() == expected
     assert soft_weights(s + 10, 10.0, 2.0).tolist() == expected
     assert soft_weights(s, 0.5, 0.0).tolist() == [0, 0, 0, 0, 1, 1, 1, 0, 0, 0]
+
+
+def test_nearest_rows_respects_the_budget():
+    undecided = torch.tensor([True, True, False, True, True, True])
+    estimate = torch.tensor([0.0, 9.0, 5.0, 4.0, 6.0, 5.5])
+    # Distances to 5: 5, 4, -, 1, 1, 0.5 -> rows 5, then 3 and 4 (tie broken by position), 1, 0.
+    assert nearest_rows(undecided, estimate, 5.0, 3).tolist() == [False, False, False, True, True, True]
+    assert nearest_rows(undecided, estimate, 5.0, 2).tolist() == [False, False, False, True, False, True]
+    assert nearest_rows(undecided, estimate, 5.0, 0).sum() == 0
+    assert torch.equal(nearest_rows(undecided, estimate, 5.0, 10), undecided)
 
 
 def test_undecided_rows_and_median_below():
@@ -196,7 +207,7 @@ def test_gate_gives_the_exact_decision_with_fewer_jacobians(policy_type):
     ref, x = _reference_and_batch()
     s = score_fn(ref)
     reference = {"jepa_score": s.jepa_score, "log_prior": s.log_prior, "log_density": s.log_density}
-    gated, exact = policy_type(), policy_type(gate=False)
+    gated, exact = policy_type(gate_budget=None), policy_type(gate=False)
     gated.calibrate(reference)
     exact.calibrate(reference)
     dg = gated.decide_batch(score_fn, x, step=0)
@@ -210,6 +221,27 @@ def test_gate_gives_the_exact_decision_with_fewer_jacobians(policy_type):
     assert int(computed.sum()) == dg.n_scored
     torch.testing.assert_close(dg.scores[computed], truth[computed])
     assert (~dg.keep[:8]).all() if policy_type is Drop else (dg.weight[:8] == 0).all()
+
+
+def test_gate_budget_caps_the_jacobian_rows():
+    enc = _encoder()
+    score_fn = functools.partial(score_samples, enc)
+    ref, x = _reference_and_batch()
+    s = score_fn(ref)
+    reference = {"jepa_score": s.jepa_score, "log_prior": s.log_prior, "log_density": s.log_density}
+    unlimited, capped = Drop(gate_budget=None), Drop(gate_budget=5)
+    unlimited.calibrate(reference)
+    capped.calibrate(reference)
+    du, dc = unlimited.decide_batch(score_fn, x, 0), capped.decide_batch(score_fn, x, 0)
+    assert du.n_scored > 5 and dc.n_scored == 5 and dc.n_estimated == du.n_scored - 5
+    assert capped.counts["rows_estimated"] == dc.n_estimated and du.n_estimated == 0
+    # Rows the capped gate scored are the undecided rows nearest the threshold by estimate.
+    undecided = ~du.scores.isnan()
+    estimate = score_fn(x).log_prior + capped.jacobian_center
+    assert torch.equal(~dc.scores.isnan(), nearest_rows(undecided, estimate, capped.threshold, 5))
+    exact_where_scored = ~dc.scores.isnan()
+    assert torch.equal(dc.keep[exact_where_scored], du.keep[exact_where_scored])
+    assert torch.equal(dc.keep[~undecided], du.keep[~undecided])
 
 
 def test_gate_counts_rows_outside_the_reference_jacobian_range():
@@ -278,6 +310,7 @@ def test_state_dict_round_trip_reproduces_decisions():
         (lambda: Drop(min_keep=0), "min_keep"),
         (lambda: Drop(every_n_steps=0), "every_n_steps"),
         (lambda: Drop(batch_anomaly=0.7), "batch_anomaly"),
+        (lambda: Drop(gate_budget=-1), "gate_budget"),
         (lambda: Reweight(temperature=-1.0), "temperature"),
     ],
 )
