@@ -42,6 +42,10 @@ Keys of :func:`gaussianity_report` (all floats):
   variables, r the rank): > 1 heavy radial tails, < 1 norms too concentrated (e.g. a shell).
   NaN when the covariance is zero.
 
+The covariance diagnostics need N > K rows (N >= 4K recommended: below that the sampling spread
+of the eigenvalues is as wide as the departures worth reporting); when K >= N - 1, ``eig_min`` is
+not scored and the shape keys are NaN.
+
 Trust. Each scored diagnostic gets a severity x >= 0: how far it lies beyond the range an exact
 N(0, I_K) sample of the same N and K produces (99.9% and above in simulation, so an exactly
 Gaussian embedding has x = 0), in units of a tolerance at which the density reading becomes
@@ -260,17 +264,16 @@ def trust_factors(report: Mapping[str, float]) -> Dict[str, float]:
 
 def trust_score(report: Mapping[str, float]) -> float:
     """min over the scored diagnostics of 1 / (1 + x²); >= TRUST_THRESHOLD iff none is past its
-    doubt threshold. A report of non-finite numbers gets 0."""
-    try:
-        return min(trust_factors(report).values())
-    except (ValueError, OverflowError):
-        return 0.0
+    doubt threshold."""
+    return min(trust_factors(report).values())
 
 
 def weakest_diagnostic(report: Mapping[str, float]) -> str:
-    """The report key of the scored diagnostic with the lowest factor (the reason trust is low)."""
+    """The report key of the scored diagnostic with the lowest factor (the reason trust is low),
+    or "none" when every scored diagnostic is within its null range."""
     sev = severities(report)
-    return max(sev, key=sev.get)
+    worst = max(sev, key=sev.get)
+    return worst if sev[worst] > 0 else "none"
 
 
 def score_agreement(scores: Mapping[str, torch.Tensor]) -> Dict[str, float]:

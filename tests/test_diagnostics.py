@@ -116,6 +116,7 @@ def test_null_bounds_against_scipy():
 def test_trust_formula_is_one_half_at_the_tolerance():
     report = gaussianity_report(_normal(1))
     assert trust_score(report) == 1.0
+    assert weakest_diagnostic(report) == "none"
     report["mean_offset"] = null_bounds(N, K)["mean_offset"][1] + MEAN_TOL
     assert trust_score(report) == pytest.approx(0.5, abs=1e-12)
     assert weakest_diagnostic(report) == "mean_offset"
