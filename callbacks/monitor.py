@@ -20,6 +20,17 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from jepa_monitor import score_samples
+from jepa_monitor.baselines import KNNScore, MahalanobisScore
+from jepa_monitor.diagnostics import (
+    DISAGREEMENT_THRESHOLD,
+    REPORT_KEYS,
+    TRUST_THRESHOLD,
+    disagreement,
+    gaussianity_report,
+    score_agreement,
+    trust_score,
+    weakest_diagnostic,
+)
 from jepa_monitor.export import FORMATS, ScoreExporter, export_path
 from jepa_monitor.statistics import ks_statistic, summarize, wasserstein_1
 
@@ -70,12 +81,21 @@ class JEPAScoreMonitor(Callback):
       ``<name>/time/total_score_seconds`` — all scoring and curation time since fit start;
       ``<name>/time/share`` — that total divided by the wall time since fit start.
     - ``<name>/monitor/failures_total`` — measurements skipped because scoring raised.
-    - ``<name>/trust/<diagnostic>`` and ``<name>/trust/score`` — Gaussianity diagnostics of the
-      held-out embeddings and the trust indicator (only when :mod:`jepa_monitor.diagnostics` exists).
+    - ``<name>/trust/<diagnostic>`` — Gaussianity diagnostics of the held-out embeddings at every
+      held-out evaluation (``epps_pulley``, ``mean_offset``, ``eig_max``, ``eig_min``,
+      ``condition_number``, ``effective_rank``, ``norm_mean``, ``norm_cv_ratio``,
+      ``shape_epps_pulley``, ``shape_norm_cv_ratio``, ``n_samples``, ``dim``; meanings in
+      :mod:`jepa_monitor.diagnostics`); ``<name>/trust/score`` — the trust indicator in [0, 1]
+      (below ``TRUST_THRESHOLD`` = 0.5 a rank-zero warning names the weakest diagnostic);
+      ``<name>/trust/agreement/<a>_vs_<b>`` — Spearman correlation on half the held-out set between
+      ``jepa_score``, ``log_density``, ``mahalanobis`` and ``knn`` (the two embedding baselines are
+      fitted on the other half); a pair below 0.1 raises a warning.
     - With a ``policy``: ``<name>/policy/fraction_dropped``, ``<name>/policy/mean_weight``,
       ``<name>/policy/batch_weight``, ``<name>/policy/active`` (current batch),
-      ``<name>/policy/rows_seen_total``, ``<name>/policy/rows_dropped_total`` (cumulative), every
-      ``trainer.log_every_n_steps`` batches.
+      ``<name>/policy/rows_seen_total``, ``<name>/policy/rows_dropped_total``,
+      ``<name>/policy/rows_scored_total`` (rows that needed the Jacobian score),
+      ``<name>/policy/rows_nonfinite_total`` (cumulative), every ``trainer.log_every_n_steps``
+      batches. Dropped and down-weighted rows go to the export with ``kept`` and ``weight``.
 
     TensorBoard only (the ``SummaryWriter`` of every ``TensorBoardLogger``, global rank 0):
 
@@ -199,7 +219,7 @@ class JEPAScoreMonitor(Callback):
         self._disabled = False
         self._score_seconds_total = 0.0
         self._alerts: Dict[str, bool] = {}
-        self._policy_counts = {"rows_seen": 0, "rows_dropped": 0}
+        self._policy_counts = {"rows_seen": 0, "rows_dropped": 0, "rows_scored": 0, "rows_nonfinite": 0}
         self._trust: Optional[float] = None
         self._generator = torch.Generator().manual_seed(seed)
 
@@ -527,7 +547,7 @@ class JEPAScoreMonitor(Callback):
             metrics.update(self._alert(split, ks, "held-out scores moved away from the reference"))
             metrics.update(self._time_metrics(res["seconds"]))
             if split == "heldout":
-                metrics.update(self._trust_metrics(res["embedding"]))
+                metrics.update(self._trust_metrics(res["embedding"], scores))
                 self._calibrate_policy(scores)
             self._history.append(self._history_entry(trainer, split, metrics))
             self._log(trainer, metrics)
@@ -585,13 +605,14 @@ class JEPAScoreMonitor(Callback):
             return
         # Editing the batch is not a measurement: an error here is a bug or an uneditable batch and
         # must surface rather than train on a half-edited batch.
-        apply_decision(batch, decision, input_key=self.input_key, weight_key=self.weight_key,
-                       mode=getattr(self.policy, "mode", None))
+        apply_decision(batch, decision, input_key=self.input_key, weight_key=self.weight_key, mode=self.policy.mode)
         self._add_seconds(time.perf_counter() - start)
         keep = decision.keep.detach().cpu().bool()
         weight = decision.weight.detach().cpu().float()
         self._policy_counts["rows_seen"] += int(keep.numel())
         self._policy_counts["rows_dropped"] += int((~keep).sum())
+        self._policy_counts["rows_scored"] += int(getattr(decision, "n_scored", 0))
+        self._policy_counts["rows_nonfinite"] += int(getattr(decision, "n_nonfinite", 0))
         touched = (~keep) | (weight < 1)
         if touched.any():
             sel = touched.nonzero().reshape(-1)
@@ -611,6 +632,8 @@ class JEPAScoreMonitor(Callback):
                 f"{self.name}/policy/active": float(bool(decision.active)),
                 f"{self.name}/policy/rows_seen_total": float(self._policy_counts["rows_seen"]),
                 f"{self.name}/policy/rows_dropped_total": float(self._policy_counts["rows_dropped"]),
+                f"{self.name}/policy/rows_scored_total": float(self._policy_counts["rows_scored"]),
+                f"{self.name}/policy/rows_nonfinite_total": float(self._policy_counts["rows_nonfinite"]),
             })
             for writer in tensorboard_writers(trainer):
                 writer.add_histogram(f"{self.name}/hist/policy/weight", weight.numpy(), trainer.global_step)
@@ -618,8 +641,8 @@ class JEPAScoreMonitor(Callback):
     def _calibrate_policy(self, scores: Dict[str, torch.Tensor]) -> None:
         if self.policy is None:
             return
-        key = getattr(self.policy, "score_key", self.drift_component)
-        self.policy.calibrate(scores[key])
+        # Every component: the policy picks its own, and its cheap first stage needs the others.
+        self.policy.calibrate(scores)
 
     def _flush_policy_rows(self, trainer: Trainer) -> None:
         """Dropped-row exports are buffered per rank and gathered at held-out evaluations, so
@@ -677,8 +700,47 @@ class JEPAScoreMonitor(Callback):
             f"{self.name}/monitor/failures_total": float(self._failures_total),
         }
 
-    def _trust_metrics(self, embedding: torch.Tensor) -> Dict[str, float]:
-        return {}
+    def _trust_metrics(self, embedding: torch.Tensor, scores: Dict[str, torch.Tensor]) -> Dict[str, float]:
+        """Can the held-out scores be read as a density right now? (see :mod:`jepa_monitor.diagnostics`)"""
+        p = f"{self.name}/trust"
+        finite = torch.isfinite(embedding).all(1) & torch.isfinite(scores["jepa_score"])
+        if int(finite.sum()) < 8:
+            return {}
+        z = embedding[finite]
+        try:
+            # Its directions come from a private generator with a fixed seed: comparable across
+            # evaluations and no draw from the global RNG.
+            report = gaussianity_report(z)
+            trust = trust_score(report)
+            # The embedding baselines must be fitted on samples other than the ones they score.
+            fit, held = torch.arange(z.shape[0]) % 2 == 0, torch.arange(z.shape[0]) % 2 == 1
+            agreement = score_agreement({
+                "jepa_score": scores["jepa_score"][finite][held],
+                "log_density": scores["log_density"][finite][held],
+                "mahalanobis": MahalanobisScore(shrinkage="ledoit_wolf").fit(z[fit]).score(z[held]),
+                "knn": KNNScore(k=min(5, int(fit.sum()))).fit(z[fit]).score(z[held]),
+            })
+        except Exception as err:  # a diagnostic must not cost a measurement, let alone the run
+            self._warn_once("trust", f"{self._tag}: trust diagnostics skipped ({type(err).__name__}: {err}).")
+            return {}
+        self._trust = trust
+        metrics = {f"{p}/{k}": float(report[k]) for k in REPORT_KEYS}
+        metrics[f"{p}/score"] = trust
+        metrics.update({f"{p}/agreement/{pair}": float(rho) for pair, rho in agreement.items()})
+        low = trust < TRUST_THRESHOLD
+        if low and not self._alerts.get("trust", False):
+            rank_zero_warn(
+                f"{self._tag}: trust {trust:.2f} < {TRUST_THRESHOLD} at training batch {self._batches}: the held-out "
+                f"embeddings are far from N(0, I) (weakest diagnostic: {weakest_diagnostic(report)}), so the "
+                "scores cannot be read as a density yet."
+            )
+        self._alerts["trust"] = low
+        pairs = disagreement(agreement)
+        if pairs and not self._alerts.get("agreement", False):
+            rank_zero_warn(f"{self._tag}: scores disagree sharply on the held-out set (Spearman < "
+                           f"{DISAGREEMENT_THRESHOLD}): {', '.join(pairs)}.")
+        self._alerts["agreement"] = bool(pairs)
+        return metrics
 
     def _history_entry(self, trainer: Trainer, split: str, metrics: Dict[str, float]) -> Dict[str, Any]:
         c = self.drift_component

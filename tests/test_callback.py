@@ -209,7 +209,7 @@ def test_csv_and_tensorboard_get_every_documented_key(tmp_path):
         assert name == "jepa"
         generic = "/".join(["<name>", "<split>" if split in ("heldout", "incoming") else split,
                             *("<c>" if r in ("jepa_score", "log_prior", "log_density") else r for r in rest)])
-        assert generic.split("/")[-1] in doc and (split in ("time", "monitor") or "<split>" in generic), key
+        assert generic.split("/")[-1].split("_vs_")[0] in doc and (split in ("time", "monitor", "trust") or "<split>" in generic), key
     comps = ("jepa_score", "log_prior", "log_density")
     stats = ("mean", "std", "p1", "p5", "p50", "p95", "drift_ks", "drift_w1")
     expected = {f"jepa/{s}/{c}/{st}" for s in ("heldout", "incoming") for c in comps for st in stats}
@@ -300,3 +300,58 @@ def test_heldout_from_a_saved_file(tmp_path):
     torch.testing.assert_close(cb.reference["log_density"], expected, rtol=0, atol=0)
     out = read_scores(cb.export_file)
     assert out["sample_id"][:9].tolist() == [str(50 + i) for i in range(9)]
+
+
+def test_trust_diagnostics_logged_and_match_the_core(tmp_path):
+    from jepa_monitor.diagnostics import REPORT_KEYS, gaussianity_report, trust_score
+
+    pl.seed_everything(0)
+    model = TinyModule()
+    held = DictData(40, seed=1, augment=False).x
+    ref = direct_scores(model, held)
+    csvl = CSVLogger(tmp_path, name="csv")
+    cb = monitor(heldout=held, incoming_every_n_steps=None, every_n_steps=100)
+    trainer(tmp_path, [cb], logger=csvl).fit(model, train_loader())
+    row = next(r for r in csv_metrics(csvl) if r.get("jepa/trust/score"))
+    report = gaussianity_report(ref.embedding)
+    assert float(row["jepa/trust/score"]) == pytest.approx(trust_score(report), rel=1e-6)
+    for key in REPORT_KEYS:
+        assert float(row[f"jepa/trust/{key}"]) == pytest.approx(report[key], rel=1e-6, abs=1e-12), key
+    assert "jepa/trust/agreement/jepa_score_vs_log_density" in row
+
+
+class IdRecorder(TinyModule):
+    def __init__(self):
+        super().__init__(dropout=0.0)
+        self.seen = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.extend(batch["id"].tolist())
+        return super().training_step(batch, batch_idx)
+
+
+def test_policy_wiring_logs_and_exports_dropped_rows(tmp_path):
+    from jepa_monitor.policies import Drop
+
+    pl.seed_everything(0)
+    stream = DictData(48, augment=False)
+    stream.x[1::3] = stream.x[1::3] * 4 + 6  # a third of the rows far from the held-out data
+    policy = Drop(quantile=0.05)
+    cb = monitor(policy=policy, incoming_every_n_steps=None, every_n_steps=3)
+    csvl = CSVLogger(tmp_path, name="csv")
+    model = IdRecorder()
+    trainer(tmp_path, [cb], logger=csvl, log_every_n_steps=1).fit(model, DataLoader(stream, batch_size=8))
+    dropped = sorted(set(range(1000, 1048)) - set(model.seen))
+    assert len(dropped) == policy.counts["rows_dropped"] > 0
+    assert {i - 1000 for i in dropped} >= set(range(1, 48, 3))  # every shifted row is dropped
+    out = read_scores(cb.export_file)
+    gone = out["kept"] == 0
+    assert sorted(int(i) for i in out["sample_id"][gone]) == dropped
+    assert (out["weight"][gone] == 0).all() and (out["split"][gone] == "incoming").all()
+    rows = csv_metrics(csvl)
+    frac = [float(r["jepa/policy/fraction_dropped"]) for r in rows if r.get("jepa/policy/fraction_dropped")]
+    assert len(frac) == 6 and sum(frac) * 8 == pytest.approx(len(dropped))
+    last = [r for r in rows if r.get("jepa/policy/rows_dropped_total")][-1]
+    assert float(last["jepa/policy/rows_dropped_total"]) == len(dropped)
+    assert float(last["jepa/policy/rows_seen_total"]) == 48
+    assert cb.state_dict()["policy"]["threshold"] == policy.threshold
