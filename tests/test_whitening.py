@@ -133,5 +133,5 @@ def test_linear_gaussian_model_whitened_log_density_is_the_true_log_density():
     truth = torch.distributions.MultivariateNormal(b, covariance_matrix=a @ a.T).log_prob(x)
     scores = score_samples(encoder, x)
     _, _, log_density_w = whitened_components(scores, w)
-    torch.testing.assert_close(log_density_w.double(), truth, rtol=0, atol=1e-3)
+    torch.testing.assert_close(log_density_w.double(), truth, rtol=0, atol=2e-5)
     assert (scores.log_density.double() - truth).abs().max() > 1.0
