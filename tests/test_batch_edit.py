@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections import namedtuple
 
 import pytest
@@ -84,8 +85,6 @@ def test_tuple_and_tensor_batches_without_dict_train_unfiltered_with_one_warning
     with pytest.warns(UneditableBatchWarning, match="Tensor"):
         assert apply_decision(x, decision(), input_key=0) == 5
     assert x.shape == (5, 3)
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         apply_decision((x, torch.arange(5)), decision(), input_key=0)  # warned once already
