@@ -11,6 +11,16 @@ from jepa_monitor.evaluation import fit_baselines, ood_metrics, score_columns, s
 from jepa_monitor.synthetic import GaussianMixture, ProductMixture, random_mixture, train_sigreg_encoder
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny MLPs: a second intra-op thread only adds synchronisation, and on a busy 2-core machine
+    # waiting for it slowed training 20-fold.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _product():
     return ProductMixture(
         means=torch.tensor([[-2.0, 1.5], [0.0, 3.0], [-1.0, 2.0], [1.0, -3.0]]),
