@@ -57,7 +57,7 @@ doubt threshold".
 ======================  ==============================================  ==========================
 diagnostic              null bound (N samples, K dims, γ = K/(N-1))     tolerance (x = 1)
 ======================  ==============================================  ==========================
-mean_offset             √(q₀.₉₉₉(χ²_K) / (N K))                          +0.25
+mean_offset             √(q₀.₉₉₉(χ²_K) / (N K))  (≈ 0.07 at N=512, K=16)  +0.25
 eig_max                 (1 + √γ)² · exp(2.5/√N)                          ×2
 eig_min                 (1 - √γ)² · exp(-3.5/√N) (uninformative if γ≥1)  ÷2
 shape_epps_pulley       1.5                                              +0.01 · N
@@ -67,11 +67,13 @@ shape_norm_cv_ratio     exp(±3.5/√N)                                     ×1.
 Why these tolerances. With embeddings N(μ, Σ) the correct Gaussian term is log N(z; μ, Σ); the
 error of the isotropic term, e(z), has variance ½Σᵢ(λᵢ - 1)² + μᵀΣμ, against K/2 for the term
 itself. A mean offset of 0.25 per coordinate makes that ratio of standard deviations √2·0.25 ≈
-0.35: the isotropic term then ranks samples with a Spearman correlation of about 0.94 to the
-corrected one, and the error grows linearly beyond. A variance off by a factor 2 beyond sampling
-noise (standard deviation ×1.4) in any direction is the same order for K ≈ 16 (one such direction
-gives a ratio |λ - 1|/√K); a uniform change of scale alone leaves the ranking of the Gaussian term
-unchanged, which is why scale is not scored separately. For the shape, a divergence of 0.01 per
+0.35: the isotropic term then ranks samples with a Spearman correlation of 0.94 to the corrected
+one (simulated, K = 16 and 64), and the error grows linearly beyond. A variance off by a factor 2
+beyond sampling noise (standard deviation ×1.4) in one direction is the same order for K ≈ 16
+(one such direction gives a ratio |λ - 1|/√K). A uniform change of scale leaves the ranking of
+the Gaussian term unchanged (it only reweights it against JEPA-SCORE), so it has no diagnostic of
+its own; ``eig_max`` / ``eig_min`` catch it once the variance is off by more than that factor 2
+beyond sampling noise. For the shape, a divergence of 0.01 per
 sample is what Student-t marginals with about 5 degrees of freedom (excess kurtosis 6) or Laplace
 marginals produce (0.009 and 0.016); heavier tails make the Gaussian term wrong by many nats on the
 extreme samples, which are the ones curation acts on. A norm spread 1.5× that of χ_K means the
