@@ -16,6 +16,16 @@ from jepa_monitor.approx import CalibrationReport, calibrate, slq_chunk, spearma
 from jepa_monitor.jacobian import NotDifferentiableError
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These are many small ops: on a busy 2-core machine, OpenMP threads that spin-wait for a
+    taken core made this file 4x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def brute_gram(encoder, x):
     """(B, n, n) float64 Gram of the per-sample input Jacobian, n = min(K, D)."""
     grams = []
