@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from jepa_monitor.callbacks import JEPAScoreMonitor
+from jepa_monitor.export import read_scores
 from jepa_monitor.policies import Drop, Reweight
 
 D = 8
@@ -94,12 +95,12 @@ class Recorder(pl.LightningModule):
         return torch.optim.SGD(self.head.parameters(), lr=1e-3)
 
 
-def run(policy, tmp_path):
+def run(policy, tmp_path, export=False):
     a, x, junk, heldout = make_world()
     model = Recorder(a)
     monitor = JEPAScoreMonitor(
         encoder="encoder", heldout=heldout, heldout_max_samples=256, every_n_steps=10_000,
-        input_key="x", id_key="id", incoming_every_n_steps=None, policy=policy, export=False,
+        input_key="x", id_key="id", incoming_every_n_steps=None, policy=policy, export=export,
         num_images=0,
     )
     trainer = pl.Trainer(
@@ -113,7 +114,7 @@ def run(policy, tmp_path):
 
 def test_drop_keeps_shifted_rows_out_of_training_step(tmp_path):
     policy = Drop(quantile=0.05)
-    model, monitor, a, x, junk = run(policy, tmp_path)
+    model, monitor, a, x, junk = run(policy, tmp_path, export="csv")
     seen = torch.zeros(N_STREAM, dtype=torch.bool)
     seen[torch.cat(model.seen_ids)] = True
 
@@ -127,6 +128,10 @@ def test_drop_keeps_shifted_rows_out_of_training_step(tmp_path):
     assert torch.equal(seen[clear], (truth >= policy.threshold)[clear])
     assert policy.counts["rows_dropped"] == N_STREAM - int(seen.sum())
     assert monitor.state_dict()["policy"]["threshold"] == policy.threshold
+    # The per-sample export names every dropped row.
+    rows = read_scores(monitor.export_file)
+    dropped = (rows["split"] == "incoming") & (rows["kept"] == 0)
+    assert sorted(int(i) for i in rows["sample_id"][dropped]) == (~seen).nonzero().reshape(-1).tolist()
 
 
 def test_reweight_gives_shifted_rows_a_small_weight(tmp_path):
