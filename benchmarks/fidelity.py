@@ -8,8 +8,9 @@ dimensions, train a small MLP encoder to K dimensions with view invariance + SIG
 - AUROC / FPR95 of every score for a far-shifted copy of the mixture (outliers) vs inliers.
 
 Baselines (Mahalanobis, kNN) and the whitening are fitted on a separate reference split. The
-"whitened" column is log_density of the encoder followed by the reference whitening map
-z ↦ Cᵀ(z - μ) (C Cᵀ = Σ⁻¹): JEPA-SCORE shifts by a constant and the prior becomes Mahalanobis.
+"whitened" column is log_density of ``jepa_monitor.whitening.WhitenedEncoder`` (the encoder
+followed by z ↦ Σ^{-1/2}(z - μ), Ledoit–Wolf shrunk reference fit), scored exactly for every K:
+for K <= D JEPA-SCORE shifts by a constant and the prior becomes the Mahalanobis term.
 Each encoder is also evaluated followed by a fixed affine map z ↦ z·diag(3 … 1/3) + e₁ (rows
 "A·z+b"): embeddings that are Gaussian but neither centred nor isotropic, the case whitening is for
 (an encoder whose SIGReg weight is too low, or one early in training). A calibration line runs
@@ -30,28 +31,15 @@ import torch
 from torch import nn
 
 from jepa_monitor import score_samples
-from jepa_monitor.baselines import mahalanobis_fit
 from jepa_monitor.evaluation import fit_baselines, ood_metrics, score_columns, spearman
 from jepa_monitor.gaussianity import epps_pulley
 from jepa_monitor.synthetic import ProductMixture, random_mixture, train_sigreg_encoder
+from jepa_monitor.whitening import Whitening, WhitenedEncoder
 
 SHAPES = (("K<D", 8, 4), ("K>D", 4, 8), ("K=D", 4, 4))
 COLUMNS = ("jepa_score", "log_density", "log_prior", "mahalanobis", "knn", "whitened")
 N_REF, N_EVAL, N_OUT = 1000, 2000, 500
 SHIFT = 12.0  # outlier offset norm; mixture means are spread with std 3
-
-
-class Whitened(nn.Module):
-    """encoder followed by the reference whitening z ↦ Cᵀ(z - μ)."""
-
-    def __init__(self, encoder: nn.Module, mean: torch.Tensor, precision: torch.Tensor) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.register_buffer("mean", mean.float())
-        self.register_buffer("white", torch.linalg.cholesky(precision).float())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.encoder(x) - self.mean) @ self.white
 
 
 class Affine(nn.Module):
@@ -71,7 +59,7 @@ def evaluate(encoder: nn.Module, x_ref, x_eval, x_out, true_lp) -> dict:
     """Every column's (Spearman with true log p, AUROC, FPR95) for one encoder."""
     ref = score_samples(encoder, x_ref)
     baselines = fit_baselines(ref.embedding)
-    whitened = Whitened(encoder, *mahalanobis_fit(ref.embedding)).eval()
+    whitened = WhitenedEncoder(encoder, Whitening.fit(ref.embedding)).eval()
     cols_in = score_columns(score_samples(encoder, x_eval), baselines)
     cols_out = score_columns(score_samples(encoder, x_out), baselines)
     cols_in["whitened"] = score_samples(whitened, x_eval).log_density
