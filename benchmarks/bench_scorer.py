@@ -242,12 +242,32 @@ def breakdown(ks: tuple, b: int = 6) -> None:
             print(f"| {name} | {k} | {t['floor']:.3f} | {t['rows']:.3f} | {t['gram']:.3f} | {t['logdet']:.3f} | {slow}/{b} |")
 
 
+def sweep(k: int = 256, b: int = 24) -> None:
+    """SLQ settings on the benchmark models: probe noise or Lanczos bias?"""
+    settings = ((8, 24), (32, 24), (8, 64))
+    print(f"\nSLQ settings on the benchmark models (K={k}, B={b}); cells: Spearman / mean bias in nats, "
+          "for (probes, Lanczos steps):")
+    print("| model | exact score std | " + " | ".join(f"{p}, {m}" for p, m in settings) + " |")
+    print("|---|---|" + "---|" * len(settings))
+    for name in MODELS:
+        model, x = build(name, k), batch(b, seed=2)
+        exact = score_samples(model, x).jepa_score
+        cells = []
+        for p, m in settings:
+            approx = score_samples(model, x, method="slq", approx_options=dict(num_probes=p, lanczos_steps=m)).jepa_score
+            rho = scipy.stats.spearmanr(exact.numpy(), approx.numpy()).statistic
+            cells.append(f"{rho:.3f} / {float((approx - exact).mean()):+.2f}")
+        print(f"| {name} | {float(exact.std()):.2f} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller batches, fewer repeats (~2 min)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--sweep", action="store_true",
+                        help="only print SLQ accuracy for three settings on the benchmark models at K = 256 (~5 min)")
     parser.add_argument("--breakdown", action="store_true",
-                        help="only print the exact path's time stage by stage at K = 64 and 1024 (~3 min)")
+                        help="only print the exact path's time stage by stage at K = 64 and 1024 (~10 min on a busy 2-core machine)")
     parser.add_argument("--child", choices=["exact", "floor", "paper"], help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--k", type=int, help=argparse.SUPPRESS)
@@ -261,6 +281,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.breakdown:
         breakdown((64, 1024))
+        return
+    if args.sweep:
+        sweep()
         return
     k_small, b, repeats = 64, (8 if args.quick else 16), (3 if args.quick else 5)
     # The K = 64 rounds have warmed every code path up; the large-K rounds are too costly to repeat.
