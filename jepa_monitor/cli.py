@@ -364,6 +364,7 @@ def cmd_demo(args) -> int:
         compare=not args.no_compare,
         seed=args.seed,
         progress=not args.no_progress,
+        threads=args.threads,
     )
     try:
         demo_main(config)
@@ -399,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-compare", action="store_true", help="skip the second (unfiltered) run for the probe comparison")
     demo.add_argument("--seed", type=int, default=d.seed, help="seed of data, junk and model (default 0)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    demo.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 is best on a busy machine)")
     demo.set_defaults(func=cmd_demo)
 
     score = sub.add_parser(

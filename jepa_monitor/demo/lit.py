@@ -27,7 +27,7 @@ class DigitJEPA(L.LightningModule):
         self,
         *,
         embed_dim: int = 16,
-        lr: float = 2e-3,
+        lr: float = 5e-3,
         sigreg_weight: float = 0.05,
         seed: int = 0,
     ):

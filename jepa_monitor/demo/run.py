@@ -10,6 +10,7 @@ test digits never trained on against each kind of junk made from them.
 from __future__ import annotations
 
 import logging
+import re
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ class DemoError(Exception):
 @dataclass
 class DemoConfig:
     logdir: str = "jepa_monitor_demo"
-    steps: int = 1500
+    steps: int = 1000
     batch_size: int = 128
     device: str = "auto"
     filter: bool = True
@@ -43,6 +44,7 @@ class DemoConfig:
     quantile: float = 0.05
     seed: int = 0
     progress: bool = True
+    threads: Optional[int] = None
 
 
 @dataclass
@@ -54,6 +56,7 @@ class DemoResult:
     logdir: str
     config: DemoConfig
     counts: Dict[str, int] = field(default_factory=dict)
+    alerts: List[str] = field(default_factory=list)
 
 
 def resolve_device(device: str) -> str:
@@ -94,9 +97,9 @@ def train(
         encoder="encoder",
         heldout=reference,
         heldout_max_samples=reference.shape[0],
-        every_n_steps=max(1, config.steps // 20),
-        incoming_every_n_steps=max(1, config.steps // 50),
-        incoming_max_rows=64,
+        every_n_steps=max(1, config.steps // 10),
+        incoming_every_n_steps=max(1, config.steps // 25),
+        incoming_max_rows=32,
         input_key="x",
         id_key="id",
         policy=policy,
@@ -117,8 +120,31 @@ def train(
     )
     loader = DataLoader(stream, batch_size=config.batch_size, shuffle=False)
     start = time.perf_counter()
-    trainer.fit(module, loader)
-    return module, time.perf_counter() - start
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _quiet_lightning()
+        trainer.fit(module, loader)
+    alerts = []
+    for w in caught:
+        if "JEPAScoreMonitor" in str(w.message):
+            alerts.append(str(w.message))
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    return module, time.perf_counter() - start, alerts
+
+
+def _quiet_lightning() -> None:
+    """Lightning's advice that does not apply to an in-memory 8×8 data set."""
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+
+
+def group_alerts(messages: List[str]) -> List[str]:
+    """One line per kind of monitor warning: how many, and the first one (numbers vary, text not)."""
+    groups: Dict[str, List[str]] = {}
+    for m in messages:
+        groups.setdefault(re.sub(r"-?\d[\d.e+-]*", "#", m), []).append(m)
+    return [f"{len(ms):>4} x {ms[0]}" for ms in groups.values()]
 
 
 def dropped_by_kind(stream: DigitStream, seen_ids: List[torch.Tensor], n_rows: int) -> Dict[str, float]:
@@ -170,9 +196,12 @@ def run_demo(config: DemoConfig) -> DemoResult:
     if config.batch_size < 2:
         raise DemoError(f"--batch-size must be at least 2 (SIGReg is a batch statistic); got {config.batch_size}.")
     device = resolve_device(config.device)
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    if config.threads is not None:
+        if config.threads < 1:
+            raise DemoError(f"--threads must be at least 1; got {config.threads}.")
+        torch.set_num_threads(config.threads)
+    for name in ("lightning.pytorch", "lightning.pytorch.utilities.rank_zero", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     Path(config.logdir).mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
@@ -184,7 +213,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
 
     policy = make_policy(config.quantile, warmup=config.steps // 5) if config.filter else None
     version = "filtered" if config.filter else "unfiltered"
-    module, seconds[version] = train(config, splits, stream, device=device, policy=policy, version=version)
+    module, seconds[version], alerts = train(config, splits, stream, device=device, policy=policy, version=version)
     encoder = module.encoder.to(device).eval()
     dropped = dropped_by_kind(stream, module.seen_ids, n_rows)
     probe[version] = evaluate_probe(encoder, splits, device)
@@ -193,11 +222,12 @@ def run_demo(config: DemoConfig) -> DemoResult:
     seconds["evaluation"] = time.perf_counter() - t
 
     if config.filter and config.compare:
-        plain, seconds["unfiltered"] = train(config, splits, stream, device=device, version="unfiltered")
+        plain, seconds["unfiltered"], _ = train(config, splits, stream, device=device, version="unfiltered")
         probe["unfiltered"] = evaluate_probe(plain.encoder.to(device).eval(), splits, device)
     seconds["total"] = time.perf_counter() - t0
     counts = {name: int((stream.kinds == i).sum()) for i, name in enumerate(KINDS)}
-    return DemoResult(auroc, dropped, probe, seconds, str(Path(config.logdir) / "digits"), config, counts)
+    return DemoResult(auroc, dropped, probe, seconds, str(Path(config.logdir) / "digits"), config, counts,
+                      group_alerts(alerts))
 
 
 def format_summary(result: DemoResult) -> str:
@@ -226,6 +256,9 @@ def format_summary(result: DemoResult) -> str:
     lines += ["", "Linear-probe accuracy on clean test digits (ridge on frozen features):"]
     for version, acc in result.probe.items():
         lines.append(f"  {version:<12}{acc:>8.3f}")
+    if result.alerts:
+        lines += ["", f"Monitor warnings during the {'filtered' if cfg.filter else 'unfiltered'} run (count x first):"]
+        lines += [f"  {a}" for a in result.alerts]
     lines += [
         "",
         "Seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()),
