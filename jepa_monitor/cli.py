@@ -280,7 +280,12 @@ def _fmt(v: float) -> str:
 
 
 def summarize_export(path: Path, component: str, top: int) -> str:
-    """The terminal report of one export file."""
+    """The terminal report of one export file.
+
+    Rows a policy decided on (``kept`` present) are curation records, reported apart from the
+    monitor's own scoring of each split. Drift is measured against the reference: the first
+    held-out evaluation (or a split's own first step when the export has no held-out rows).
+    """
     import numpy as np
     import torch
 
@@ -290,39 +295,41 @@ def summarize_export(path: Path, component: str, top: int) -> str:
     cols = read_scores(path)
     lines = [f"== {path}  ({len(cols['step'])} rows)"]
     values = cols[component]
-    qs = (0.05, 0.5, 0.95)
-    for split in dict.fromkeys(cols["split"].tolist()):
-        rows = cols["split"] == split
+    decided = np.isfinite(cols["kept"])
+    heldout = (cols["split"] == "heldout") & ~decided
+    ref_rows = heldout & (cols["step"] == cols["step"][heldout].min()) if heldout.any() else None
+    fmt = lambda i: f"{cols['sample_id'][i] or '?'}@{int(cols['step'][i])}={values[i]:.1f}"  # noqa: E731
+    for split in dict.fromkeys(cols["split"][~decided].tolist()):
+        rows = (cols["split"] == split) & ~decided
         steps = np.unique(cols["step"][rows])
         shown = steps if len(steps) <= 8 else steps[np.linspace(0, len(steps) - 1, 8).round().astype(int)]
-        lines.append(f"-- {split}: {int(rows.sum())} rows at {len(steps)} steps; {component} over time")
-        lines.append(f"   {'step':>7} {'rows':>6} {'p5':>9} {'p50':>9} {'p95':>9} {'KS vs first':>12} {'W1 vs first':>12}")
-        first = torch.from_numpy(values[rows & (cols["step"] == steps[0])])
+        ref = ref_rows if ref_rows is not None else rows & (cols["step"] == steps[0])
+        first = torch.from_numpy(values[ref])
+        lines.append(f"-- {split}: {int(rows.sum())} rows scored at {len(steps)} steps; {component} over time")
+        lines.append(f"   {'step':>7} {'rows':>6} {'p5':>9} {'p50':>9} {'p95':>9} {'KS vs ref':>10} {'W1 vs ref':>10}")
         for step in shown:
             v = torch.from_numpy(values[rows & (cols["step"] == step)])
-            q = quantiles(v, qs).tolist()
+            q = quantiles(v, (0.05, 0.5, 0.95)).tolist()
             ks, w1 = float(ks_statistic(v, first)), float(wasserstein_1(v, first))
             lines.append(f"   {int(step):>7} {v.numel():>6} " + " ".join(f"{_fmt(x):>9}" for x in q)
-                         + f" {_fmt(ks):>12} {_fmt(w1):>12}")
-        finite = rows & np.isfinite(values)
-        if finite.any():
-            idx = np.nonzero(finite)[0]
+                         + f" {_fmt(ks):>10} {_fmt(w1):>10}")
+        idx = np.nonzero(rows & np.isfinite(values))[0]
+        if idx.size:
             order = idx[np.argsort(values[idx], kind="stable")]
-            fmt = lambda i: f"{cols['sample_id'][i] or '?'}@{int(cols['step'][i])}={values[i]:.1f}"  # noqa: E731
             lines.append("   least probable (id@step=score): " + ", ".join(fmt(i) for i in order[:top]))
             lines.append("   most probable  (id@step=score): " + ", ".join(fmt(i) for i in order[::-1][:top]))
-    decided = np.isfinite(cols["kept"])
     if decided.any():
         dropped = decided & (cols["kept"] == 0)
-        w = cols["weight"][decided]
+        weighted = decided & (cols["kept"] == 1)
         lines.append(
-            f"-- curation: {int(decided.sum())} rows decided, {int(dropped.sum())} dropped "
-            f"({dropped.sum() / decided.sum():.1%}), mean weight {np.nanmean(w) if np.isfinite(w).any() else float('nan'):.3f}"
+            f"-- curation (the export lists the rows a policy touched): {int(dropped.sum())} rows dropped, "
+            f"{int(weighted.sum())} down-weighted (mean weight {np.nanmean(cols['weight'][weighted]) if weighted.any() else float('nan'):.3f})"
         )
-        ids = [str(i) for i in cols["sample_id"][dropped][:top * 4]]
-        if ids:
-            more = " ..." if dropped.sum() > len(ids) else ""
-            lines.append("   dropped ids: " + ", ".join(i or "?" for i in ids) + more)
+        if dropped.any():
+            steps = cols["step"][dropped]
+            lines.append(f"   dropping from step {int(steps.min())} to {int(steps.max())}")
+            ids = [str(i) or "?" for i in cols["sample_id"][dropped][: top * 4]]
+            lines.append("   dropped ids: " + ", ".join(ids) + (" ..." if dropped.sum() > len(ids) else ""))
     else:
         lines.append("-- curation: no policy decisions in this export")
     return "\n".join(lines)

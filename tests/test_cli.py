@@ -177,8 +177,9 @@ def _write_export(logdir):
     ex.write(10, "heldout", 40, sample_ids=range(40), scores={"log_density": later, "jepa_score": later, "log_prior": later})
     inc = torch.tensor([0.1, -9.0, 0.3, 7.5])
     ex.write(10, "incoming", 4, sample_ids=["a", "b", "c", "d"],
-             scores={"log_density": inc, "jepa_score": inc, "log_prior": inc},
-             kept=torch.tensor([1, 0, 1, 1]), weight=torch.tensor([1.0, 0.0, 1.0, 1.0]))
+             scores={"log_density": inc, "jepa_score": inc, "log_prior": inc})
+    ex.write(11, "incoming", 2, sample_ids=["b", "e"], scores={"log_density": torch.tensor([-9.0, -1.0])},
+             kept=torch.tensor([0, 1]), weight=torch.tensor([0.0, 0.5]))
     ex.close()
     return path, ref
 
@@ -196,7 +197,8 @@ def test_report_summarises_quantiles_drift_extremes_and_drops(tmp_path, capsys):
     assert row0.split()[-2:] == ["0.00", "0.00"]
     assert float(row10.split()[-1]) == pytest.approx(2.0, abs=0.01)
     assert "b@10=-9.0" in out and "d@10=7.5" in out
-    assert "1 dropped (25.0%)" in out and "dropped ids: b" in out
+    assert "1 rows dropped, 1 down-weighted (mean weight 0.500)" in out and "dropped ids: b\n" in out
+    assert "incoming: 4 rows scored at 1 steps" in out
 
 
 def test_report_errors(tmp_path, capsys):

@@ -36,7 +36,7 @@ class DemoError(Exception):
 @dataclass
 class DemoConfig:
     logdir: str = "jepa_monitor_demo"
-    steps: int = 1000
+    steps: int = 2000
     batch_size: int = 128
     device: str = "auto"
     filter: bool = True
