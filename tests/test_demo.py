@@ -69,3 +69,24 @@ def test_demo_full_run_catches_junk(tmp_path):
         assert result.dropped[kind] > 0.5
     assert result.dropped["clean"] < 0.2
     assert result.probe["filtered"] > 0.85 and result.probe["unfiltered"] > 0.85
+
+
+def test_training_step_uses_sample_weight(recwarn):
+    from jepa_monitor.demo.data import normalise, load_digits
+    from jepa_monitor.demo.lit import DigitJEPA
+    from jepa_monitor.demo.model import augment, lejepa_loss, sigreg_directions
+
+    torch.manual_seed(0)
+    module = DigitJEPA(seed=3)
+    x = normalise(load_digits()[0][:16])
+    w = torch.linspace(0, 1, 16)
+    batch = {"x": x, "id": torch.arange(16), "kind": torch.zeros(16, dtype=torch.long), "sample_weight": w}
+    loss = module.training_step(batch, 0)
+    # Reference: the same views and directions (the module's private generators, seeds + 10, + 11).
+    views, dirs_gen = torch.Generator().manual_seed(13), torch.Generator().manual_seed(14)
+    z1, z2 = module.encoder(augment(x, views)), module.encoder(augment(x, views))
+    expected, inv_w, _ = lejepa_loss(z1, z2, sigreg_directions(16, dirs_gen), sample_weight=w)
+    _, inv, _ = lejepa_loss(z1, z2, sigreg_directions(16, torch.Generator().manual_seed(14)))
+    torch.testing.assert_close(loss, expected)
+    assert abs(float(inv_w - inv)) > 1e-3 * float(inv)  # the weights did change the loss
+    assert torch.equal(module.seen_ids[0], torch.arange(16))

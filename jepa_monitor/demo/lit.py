@@ -10,7 +10,10 @@ from typing import List
 import lightning as L
 import torch
 
+from .data import KIND_INDEX
 from .model import DigitEncoder, augment, lejepa_loss, sigreg_directions
+
+CLEAN, NOVEL = KIND_INDEX["clean"], KIND_INDEX["novel_class"]
 
 
 class DigitJEPA(L.LightningModule):
@@ -20,7 +23,9 @@ class DigitJEPA(L.LightningModule):
     averaged with those weights. The ids of every row that reaches ``training_step`` are recorded in
     ``seen_ids``, so what a policy dropped can be counted afterwards.
 
-    Logged keys: ``train/loss``, ``train/invariance``, ``train/sigreg`` (per step).
+    Logged keys (per step): ``train/loss``, ``train/invariance``, ``train/sigreg``; with a ``kind``
+    entry in the batch, ``data/junk_fraction`` and ``data/novel_class_fraction`` of the rows that
+    reached the training step (after any curation), which shows when the novel class arrives.
     """
 
     def __init__(
@@ -50,10 +55,12 @@ class DigitJEPA(L.LightningModule):
         )
         if "id" in batch:
             self.seen_ids.append(batch["id"].detach().cpu())
-        self.log_dict(
-            {"train/loss": loss, "train/invariance": invariance, "train/sigreg": sigreg},
-            batch_size=x.shape[0],
-        )
+        metrics = {"train/loss": loss, "train/invariance": invariance, "train/sigreg": sigreg}
+        if "kind" in batch:
+            kind = batch["kind"]
+            metrics["data/junk_fraction"] = ((kind != CLEAN) & (kind != NOVEL)).float().mean()
+            metrics["data/novel_class_fraction"] = (kind == NOVEL).float().mean()
+        self.log_dict(metrics, batch_size=x.shape[0])
         return loss
 
     def configure_optimizers(self):
