@@ -217,6 +217,8 @@ class JEPAScoreMonitor(Callback):
         self._failures = 0
         self._failures_total = 0
         self._disabled = False
+        self._policy_failures = 0
+        self._policy_disabled = False
         self._score_seconds_total = 0.0
         self._alerts: Dict[str, bool] = {}
         self._policy_counts = {"rows_seen": 0, "rows_dropped": 0, "rows_scored": 0, "rows_nonfinite": 0}
@@ -267,6 +269,8 @@ class JEPAScoreMonitor(Callback):
             "failures": self._failures,
             "failures_total": self._failures_total,
             "disabled": self._disabled,
+            "policy_failures": self._policy_failures,
+            "policy_disabled": self._policy_disabled,
             "score_seconds_total": self._score_seconds_total,
             "alerts": dict(self._alerts),
             "policy_counts": dict(self._policy_counts),
@@ -285,6 +289,8 @@ class JEPAScoreMonitor(Callback):
         self._failures = int(state_dict["failures"])
         self._failures_total = int(state_dict["failures_total"])
         self._disabled = bool(state_dict["disabled"])
+        self._policy_failures = int(state_dict.get("policy_failures", 0))
+        self._policy_disabled = bool(state_dict.get("policy_disabled", False))
         self._score_seconds_total = float(state_dict["score_seconds_total"])
         self._alerts = dict(state_dict["alerts"])
         self._policy_counts = dict(state_dict["policy_counts"])
@@ -414,7 +420,7 @@ class JEPAScoreMonitor(Callback):
             return
         if self.incoming_every_n_steps is not None and self._batches % self.incoming_every_n_steps == 0:
             self._incoming_evaluation(trainer, pl_module, batch)
-        if self.policy is not None and not self._disabled:
+        if self.policy is not None and not self._policy_disabled:
             self._curate(trainer, pl_module, batch)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -522,6 +528,25 @@ class JEPAScoreMonitor(Callback):
                 RuntimeWarning, stacklevel=2,
             )
 
+    def _on_policy_failure(self, err: BaseException) -> None:
+        """Curation makes no collective call, so its faults are counted per rank, apart from the
+        measurements (whose failures every rank learns through the gather and counts alike): a
+        rank-local count must never switch off a rank's measurements and strand the others in a
+        collective."""
+        self._policy_failures += 1
+        warnings.warn(
+            f"{self._tag}: curating training batch {self._batches} failed ({type(err).__name__}: {err}); the batch "
+            f"trains unfiltered ({self._policy_failures}/{self.max_failures} in a row).",
+            RuntimeWarning, stacklevel=2,
+        )
+        if self._policy_failures >= self.max_failures:
+            self._policy_disabled = True
+            warnings.warn(
+                f"{self._tag}: curation DISABLED on this rank after {self._policy_failures} consecutive failures; "
+                "batches train unfiltered from now on (monitoring continues).",
+                RuntimeWarning, stacklevel=2,
+            )
+
     def _add_seconds(self, seconds: float) -> None:
         self._score_seconds_total += seconds
         self._score_seconds_run += seconds
@@ -601,8 +626,9 @@ class JEPAScoreMonitor(Callback):
                 decision = self.policy.decide_batch(self._score_fn(pl_module), x, self._batches, trust=self._trust)
         except Exception as err:
             self._add_seconds(time.perf_counter() - start)
-            self._on_failure("batch for curation", err)
+            self._on_policy_failure(err)
             return
+        self._policy_failures = 0
         # Editing the batch is not a measurement: an error here is a bug or an uneditable batch and
         # must surface rather than train on a half-edited batch.
         apply_decision(batch, decision, input_key=self.input_key, weight_key=self.weight_key, mode=self.policy.mode)

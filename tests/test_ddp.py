@@ -16,12 +16,13 @@ from jepa_monitor.export import read_scores
 
 SCRIPT = textwrap.dedent(
     """
-    import json, os, sys, warnings
+    import json, os, sys
     import lightning.pytorch as pl
     import torch
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
     from jepa_monitor.callbacks import JEPAScoreMonitor
+    from jepa_monitor.policies import Drop
 
     out_dir = sys.argv[1]
 
@@ -34,46 +35,61 @@ SCRIPT = textwrap.dedent(
             super().__init__()
             self.encoder = make_model()
 
+            self.rows = []
+
         def training_step(self, batch, batch_idx):
-            x, _ = batch
+            x, ids = batch
+            self.rows.append(len(ids))
             return self.encoder(x).pow(2).mean()
 
         def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.01)
+            return torch.optim.SGD(self.parameters(), lr=0.0)  # scores stay comparable with the reference
+
+    box = {"fail": False}
+
+    class FaultSwitch(pl.Callback):
+        # runs before the monitor hook: the encoder raises on rank 1 during batch 1 only
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            box["fail"] = trainer.global_rank == 1 and batch_idx == 1
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            box["fail"] = False
 
     class FailOnRank1(nn.Module):
         def __init__(self, enc):
             super().__init__()
-            self.enc, self.calls = enc, 0
+            self.enc = enc
 
         def forward(self, x):
-            self.calls += 1
-            if int(os.environ.get("LOCAL_RANK", 0)) == 1 and self.calls == 3:
+            if box["fail"]:
                 raise RuntimeError("fault on rank 1 only")
             return self.enc(x)
 
-    box = {}
     def encoder(module):
-        box.setdefault("enc", FailOnRank1(module.encoder))
-        return box["enc"]
+        return FailOnRank1(module.encoder)
 
     g = torch.Generator().manual_seed(1)
     heldout = torch.randn(11, 5, generator=g)          # 6 rows on rank 0, 5 on rank 1
-    train = TensorDataset(torch.randn(14, 5, generator=g), torch.arange(14))
+    x = torch.randn(14, 5, generator=g)
+    x[1::2] += 50.0   # rank 1 reads the odd rows: every one of them is junk
+    rank = int(os.environ.get("LOCAL_RANK", 0))
+    train = [[x[i], i] for i in range(rank, 14, 2)]   # list batches: the policy edits them in place
     cb = JEPAScoreMonitor(encoder, heldout, every_n_steps=2, input_key=0, id_key=1,
-                          incoming_every_n_steps=1, incoming_max_rows=3, score_options={"batch_size": 64})
+                          incoming_every_n_steps=1, incoming_max_rows=3, score_options={"batch_size": 64},
+                          policy=Drop(quantile=0.05))
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False,
+                         use_distributed_sampler=False,
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                         default_root_dir=out_dir, callbacks=[cb])
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        trainer.fit(Module(), DataLoader(train, batch_size=3))
+                         default_root_dir=out_dir, callbacks=[FaultSwitch(), cb])
+    module = Module()
+    trainer.fit(module, DataLoader(train, batch_size=3))
     rank = trainer.global_rank
-    faults = [str(w.message) for w in caught if "fault on rank 1 only" in str(w.message)
-              or "failed on another rank" in str(w.message)]
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
         json.dump({"reference": cb.reference["jepa_score"].tolist(), "history": cb.history,
-                   "faults": faults, "export": cb.export_file, "batches": cb.state_dict()["batches"]}, fh)
+                   "export": cb.export_file, "batches": cb.state_dict()["batches"],
+                   "rows": module.rows, "dropped": cb.policy.counts["rows_dropped"],
+                   "failures": cb.state_dict()["failures_total"]}, fh)
     """
 )
 
@@ -81,11 +97,11 @@ SCRIPT = textwrap.dedent(
 def test_ddp_two_cpu_processes(tmp_path):
     script = tmp_path / "ddp_run.py"
     script.write_text(SCRIPT)
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("LOCAL_RANK", None)
     proc = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=90)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, proc.stderr[-8000:] + proc.stdout[-2000:]
     r0 = json.loads((tmp_path / "rank0.json").read_text())
     r1 = json.loads((tmp_path / "rank1.json").read_text())
 
@@ -97,13 +113,16 @@ def test_ddp_two_cpu_processes(tmp_path):
     np.testing.assert_allclose(r0["reference"], expected.numpy(), rtol=1e-6)
     assert r0["reference"] == r1["reference"]
     # 14 rows / 2 ranks / batch 3 -> 3 batches per rank (3, 3, 1 rows); held-out after batch 2;
-    # the 3rd encoder call (incoming at batch 1) fails on rank 1 only and is skipped on both ranks.
+    # during batch 1 the encoder fails on rank 1 only: the incoming measurement is skipped on both
+    # ranks, and rank 1 trains that batch uncurated.
     assert r0["batches"] == r1["batches"] == 3
     expected_history = [(0, "heldout"), (0, "incoming"), (2, "heldout"), (2, "incoming")]
     assert [(h["batch"], h["split"]) for h in r0["history"]] == expected_history
     assert r0["history"] == r1["history"]
-    assert any("fault on rank 1 only" in f for f in r1["faults"])
-    assert any("failed on another rank" in f for f in r0["faults"])
+    assert "scoring the incoming batch at training batch 1 failed (RuntimeError: fault on rank 1 only)" in proc.stderr
+    assert "scoring the incoming batch at training batch 1 failed (it failed on another rank)" in proc.stderr
+    assert "curating training batch 1 failed (RuntimeError: fault on rank 1 only); the batch trains unfiltered" in proc.stderr
+    assert r0["failures"] == r1["failures"] == 1
     # rank 0 alone wrote one export, with every rank's rows
     assert r1["export"] is None and r0["export"] is not None
     files = list((tmp_path / "jepa_monitor").iterdir())
@@ -113,6 +132,12 @@ def test_ddp_two_cpu_processes(tmp_path):
     assert held.sum() == 22
     np.testing.assert_array_equal(out["sample_id"][held][:11], [str(i) for i in range(11)])
     np.testing.assert_allclose(out["jepa_score"][held][:11], expected.numpy(), rtol=1e-6)
-    incoming = out["split"] == "incoming"
+    incoming = (out["split"] == "incoming") & np.isnan(out["kept"])
     assert incoming.sum() == (3 + 3) + (1 + 1)  # batch 0: 3 rows per rank, batch 2: 1 row per rank
     assert len(set(out["sample_id"][incoming])) == 8
+    # curation: rank 1's rows are all junk, yet every batch keeps min_keep = 1 row and nothing hangs;
+    # rank 0's clean rows all train. Rank 1's dropped ids reach rank 0's export.
+    assert r0["rows"] == [3, 3, 1] and r1["rows"] == [1, 3, 1]
+    assert r0["dropped"] == 0 and r1["dropped"] == 2
+    gone = out["kept"] == 0
+    assert len(out["sample_id"][gone]) == 2 and all(int(i) % 2 == 1 for i in out["sample_id"][gone])
