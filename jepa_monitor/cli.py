@@ -407,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-compare", action="store_true", help="skip the second (unfiltered) run for the probe comparison")
     demo.add_argument("--seed", type=int, default=d.seed, help="seed of data, junk and model (default 0)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
-    demo.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 is best on a busy machine)")
+    demo.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; on a busy machine 1 avoids threads spinning against other jobs)")
     demo.set_defaults(func=cmd_demo)
 
     score = sub.add_parser(
