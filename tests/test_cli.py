@@ -220,3 +220,14 @@ def test_demo_option_errors(tmp_path, capsys):
     if not torch.cuda.is_available():
         code, _, err = run(["demo", "--device", "cuda", "--logdir", str(tmp_path)], capsys)
         assert code == 2 and "--device cpu" in err
+
+
+def test_demo_no_filter_runs_once_and_drops_nothing(tmp_path, capsys):
+    code, out, err = run(["demo", "--logdir", str(tmp_path), "--steps", "6", "--batch-size", "16", "--no-filter",
+                          "--no-progress", "--threads", "1"], capsys)
+    assert code == 0, err
+    assert "(no policy: --no-filter" in out and "\n  unfiltered" in out and "\n  filtered" not in out
+    assert [p.name for p in (tmp_path / "digits").iterdir()] == ["unfiltered"]
+    for line in out.splitlines():
+        if line.strip().startswith(("noise", "pixel_noise", "occluded", "permuted", "novel_class", "clean")):
+            assert "0.0%" in line
