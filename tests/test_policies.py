@@ -244,6 +244,20 @@ def test_gate_budget_caps_the_jacobian_rows():
     assert torch.equal(dc.keep[~undecided], du.keep[~undecided])
 
 
+def test_small_reference_disables_the_gate():
+    from jepa_monitor.policies import GATE_MIN_REFERENCE
+
+    enc = _encoder()
+    score_fn = functools.partial(score_samples, enc)
+    ref, x = _reference_and_batch()
+    for n, gated in [(GATE_MIN_REFERENCE - 1, False), (GATE_MIN_REFERENCE, True)]:
+        s = score_fn(ref[:n])
+        policy = Drop()
+        policy.calibrate({"jepa_score": s.jepa_score, "log_prior": s.log_prior, "log_density": s.log_density})
+        assert (policy.jacobian_range is not None) == gated
+        assert (policy.decide_batch(score_fn, x, 0).n_scored < x.shape[0]) == gated
+
+
 def test_gate_counts_rows_outside_the_reference_jacobian_range():
     enc = _encoder()
     score_fn = functools.partial(score_samples, enc)
