@@ -154,6 +154,15 @@ def median_below(scores: torch.Tensor, cutoff: float) -> bool:
 
 # ---------------------------------------------------------------------------------- policies
 class _Policy:
+    """Shared calibration, gating and bookkeeping of :class:`Drop` and :class:`Reweight`.
+
+    State (``state_dict``): ``threshold``, ``reference_median`` and ``reference_low`` (the reference's
+    median and ``quantile``-quantile), ``anomaly_cutoff``, ``jacobian_range`` and ``jacobian_center``
+    (the gate), and ``counts``: ``batches``, ``active_batches``, ``anomalous_batches``, ``rows``,
+    ``rows_dropped``, ``rows_scored`` (Jacobian computed), ``rows_nonfinite``, ``rows_outside_gate``,
+    ``rows_estimated`` (decided from the estimate by the budget) and ``weight_sum``.
+    """
+
     mode = ""
 
     def __init__(
