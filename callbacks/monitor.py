@@ -143,11 +143,11 @@ class JEPAScoreMonitor(Callback):
         encoder: Union[str, Callable[[LightningModule], Callable]] = "encoder",
         heldout: Union[str, os.PathLike, torch.Tensor, Iterable, None] = None,
         *,
-        every_n_steps: int = 500,
+        every_n_steps: int = 1000,
         input_key: Key = 0,
         id_key: Key = None,
         heldout_max_samples: int = 128,
-        incoming_every_n_steps: Optional[int] = 100,
+        incoming_every_n_steps: Optional[int] = 500,
         incoming_max_rows: int = 16,
         components: Sequence[str] = COMPONENTS,
         score_options: Optional[Dict[str, Any]] = None,
@@ -411,7 +411,7 @@ class JEPAScoreMonitor(Callback):
             try:
                 self._score_fn(pl_module)(self._heldout_x[:2].to(pl_module.device))
             except Exception as err:
-                raise MisconfigurationException(f"{self._tag}: {err}") from err
+                raise MisconfigurationException(f"{self._tag}: {_message(err)}") from err
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if not self._checked_train_batch:
