@@ -250,22 +250,28 @@ def test_two_instances_coexist(tmp_path):
 
 
 def test_resume_continues_the_same_series(tmp_path):
+    """Reference, counters, drift history, the private row generator and the policy threshold come
+    back from the checkpoint: the resumed run measures and curates exactly as the uninterrupted one."""
+    from jepa_monitor.policies import Drop
+
     def make():
         pl.seed_everything(0)
-        return TinyModule(dropout=0.0), DataLoader(DictData(48, augment=False), batch_size=8)
+        stream = DictData(48, augment=False)
+        stream.x[::5] += 4.0  # some rows for the policy to drop
+        cb = monitor(every_n_steps=4, incoming_every_n_steps=3, incoming_max_rows=3, policy=Drop(quantile=0.1))
+        return IdRecorder(), DataLoader(stream, batch_size=8), cb
 
-    model, data = make()
-    full = monitor(every_n_steps=4, incoming_every_n_steps=3, incoming_max_rows=3)
+    model, data, full = make()
     trainer(tmp_path / "full", [full], max_epochs=2).fit(model, data)
+    full_seen = model.seen
 
-    model, data = make()
-    first = monitor(every_n_steps=4, incoming_every_n_steps=3, incoming_max_rows=3)
+    model, data, first = make()
     t = trainer(tmp_path / "first", [first], max_epochs=1, enable_checkpointing=True)
     t.fit(model, data)
     ckpt = t.checkpoint_callback.best_model_path
+    first_seen = model.seen
 
-    model, data = make()  # a fresh process would have fresh weights: the checkpoint restores them
-    resumed = monitor(every_n_steps=4, incoming_every_n_steps=3, incoming_max_rows=3)
+    model, data, resumed = make()  # fresh weights and state: the checkpoint restores them
     trainer(tmp_path / "resumed", [resumed], max_epochs=2).fit(model, data, ckpt_path=ckpt)
 
     assert resumed.state_dict()["batches"] == full.state_dict()["batches"] == 12
@@ -276,6 +282,9 @@ def test_resume_continues_the_same_series(tmp_path):
         assert (r["batch"], r["step"], r["split"]) == (f["batch"], f["step"], f["split"])
         assert r["mean"] == pytest.approx(f["mean"], rel=1e-6, abs=1e-6)
         assert r["drift_ks"] == pytest.approx(f["drift_ks"], abs=1e-9)
+    assert resumed.policy.threshold == pytest.approx(full.policy.threshold, rel=1e-6)
+    assert len(full_seen) < 96  # the policy dropped rows ...
+    assert first_seen + model.seen == full_seen  # ... and the same ones after the resume
 
 
 def test_image_grid_layout():
