@@ -93,7 +93,7 @@ class _GramProducts:
             if input_module is None:
                 raw = encoder(holder[0])
             else:
-                raw = encoder(x)
+                raw = encoder(x.clone() if x.is_inference() else x)
                 if not holder:
                     raise ValueError(
                         f"input_module {type(input_module).__name__} was not called during the "

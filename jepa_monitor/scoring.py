@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from ._guards import scoring_context
-from .jacobian import embedding_and_jacobian
+from .jacobian import differentiation_point, embedding_and_jacobian
 from .logdet import PAPER_ABS_FLOOR, gram, half_logdet
-from .outputs import OutputSelector, Pooling
+from .outputs import OutputSelector, Pooling, embed
 
 METHODS = ("exact", "slq")
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
@@ -93,6 +93,16 @@ def _micro_batch(batch_size: Optional[int], memory_budget: int, k_dim: int, d_di
     return max(1, memory_budget // per_sample)
 
 
+def _first_micro_batch(encoder, x1, *, output, pool, input_module, memory_budget) -> int:
+    """Micro-batch size from one gradient-free forward pass of one sample (K and D are only known
+    after a forward pass): fully scoring a first sample alone would cost a whole K-VJP loop."""
+    with torch.no_grad(), differentiation_point(x1, input_module) as holder:
+        raw = encoder(holder[0] if input_module is None else x1)
+    if not holder:
+        return 1  # the chunk path raises the explanatory error
+    return _micro_batch(None, memory_budget, embed(raw, output, pool, 1).shape[1], holder[0][0].numel())
+
+
 def _exact_chunk(encoder, x, *, output, pool, input_module, vectorize, rel_floor, abs_floor):
     z, jac = embedding_and_jacobian(
         encoder, x, output=output, pool=pool, input_module=input_module, vectorize=vectorize
@@ -157,8 +167,10 @@ def score_samples(
         start, chunk = 0, batch_size
         while start < n:
             if chunk is None:
-                # Size from a probe of one sample: K and D are only known after a forward pass.
-                chunk = 1
+                chunk = _first_micro_batch(
+                    encoder, x[:1], output=output, pool=pool, input_module=input_module,
+                    memory_budget=memory_budget,
+                )
             xc = x[start : start + chunk]
             try:
                 if method == "exact":
@@ -185,8 +197,6 @@ def score_samples(
             ss.append(s)
             fs.append(floored)
             start += xc.shape[0]
-            if batch_size is None and len(zs) == 1:
-                chunk = _micro_batch(None, memory_budget, z.shape[1], d_dim)
     # The prior is taken from the embedding in the encoder's own precision: a float64 encoder
     # (e.g. an exact Gaussianizing map) must give log_density to float64 accuracy before rounding.
     z = torch.cat(zs)
