@@ -6,12 +6,16 @@ tensors and return tensors. The Lightning layer lives in :mod:`jepa_monitor.call
 
 from ._version import __version__
 from .scoring import SampleScores, gaussian_log_prior, jepa_score, log_density, score_samples
+from .whitening import Whitening, WhitenedEncoder, whitened_components
 
 __all__ = [
     "SampleScores",
+    "Whitening",
+    "WhitenedEncoder",
     "__version__",
     "gaussian_log_prior",
     "jepa_score",
     "log_density",
     "score_samples",
+    "whitened_components",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -14,6 +14,9 @@ from ._guards import scoring_context
 from .jacobian import differentiation_point, embedding_and_jacobian
 from .logdet import PAPER_ABS_FLOOR, gram, half_logdet
 from .outputs import OutputSelector, Pooling, embed
+
+if TYPE_CHECKING:
+    from .whitening import Whitening
 
 METHODS = ("exact", "slq")
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
@@ -126,6 +129,7 @@ def score_samples(
     input_module: Optional[nn.Module] = None,
     vectorize: Optional[int] = None,
     approx_options: Optional[dict] = None,
+    whitening: Optional["Whitening"] = None,
 ) -> SampleScores:
     """Score every sample of ``x`` with the encoder's own density estimate, all components at once.
 
@@ -147,6 +151,11 @@ def score_samples(
             (e.g. the token embedding of a language model, so integer ids can be scored).
         vectorize: Jacobian rows per batched backward pass (GPU); None loops over rows.
         approx_options: keyword options of the approximate method.
+        whitening: a :class:`jepa_monitor.whitening.Whitening` fitted on reference embeddings:
+            score ``W(f(x) - μ)`` instead of f(x). JEPA-SCORE then shifts by -½·logdet Σ (K <= D),
+            ``log_prior`` becomes the Mahalanobis term -½(z-μ)ᵀΣ⁻¹(z-μ) - K/2·log 2π and
+            ``log_density`` is exact for encoders that map the data affinely onto any Gaussian.
+            ``embedding`` is then the whitened embedding.
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not one of {METHODS}.")
@@ -163,7 +172,13 @@ def score_samples(
 
     zs, ss, fs = [], [], []
     d_dim = None
-    with scoring_context(encoder, device):
+    guarded = encoder  # eval mode and the other guards apply to the user's encoder itself
+    if whitening is not None:
+        from .whitening import WhitenedEncoder
+
+        encoder = WhitenedEncoder(encoder, whitening, output=output, pool=pool).to(device)
+        output, pool = None, "mean"
+    with scoring_context(guarded, device):
         start, chunk = 0, batch_size
         while start < n:
             if chunk is None:

@@ -133,3 +133,22 @@ def test_linear_gaussian_model_whitened_log_density_is_the_true_log_density():
     _, _, log_density_w = whitened_components(scores, w)
     torch.testing.assert_close(log_density_w.double(), truth, rtol=0, atol=2e-5)
     assert (scores.log_density.double() - truth).abs().max() > 1.0
+
+
+def test_log_density_whitening_option_matches_whitened_components():
+    # K <= D: the option (whitened encoder scored end to end) and the closed-form constant shift
+    # of an isotropic pass must agree; the prior becomes the Mahalanobis term.
+    from jepa_monitor import Whitening, log_density, score_samples, whitened_components
+
+    gen = torch.Generator().manual_seed(11)
+    torch.manual_seed(11)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 24), torch.nn.Tanh(), torch.nn.Linear(24, 5))
+    ref = torch.randn(200, 12, generator=gen)
+    x = torch.randn(7, 12, generator=gen)
+    w = Whitening.fit(score_samples(model, ref).embedding)
+    via_option = score_samples(model, x, whitening=w)
+    _, prior_w, density_w = whitened_components(score_samples(model, x), w)
+    assert torch.allclose(via_option.log_prior, prior_w, atol=1e-4)
+    assert torch.allclose(via_option.log_density, density_w, atol=1e-3)
+    assert torch.allclose(log_density(model, x, whitening=w), density_w, atol=1e-3)
+    assert model[0].training  # the user's module got its mode back
