@@ -18,6 +18,14 @@ def is_distributed(world_size: int) -> bool:
     return world_size > 1 and dist.is_available() and dist.is_initialized()
 
 
+def _all_gather(t: torch.Tensor, world_size: int) -> torch.Tensor:
+    # Plain torch.distributed: Lightning's all_gather goes through the autograd-aware
+    # torch.distributed.nn variant, which monitoring never needs.
+    out = [torch.empty_like(t) for _ in range(world_size)]
+    dist.all_gather(out, t.contiguous())
+    return torch.stack(out)
+
+
 def gather_rows(strategy: Any, rows: Optional[torch.Tensor], world_size: int) -> Optional[torch.Tensor]:
     """Concatenate every rank's (n_r, C) float64 rows in rank order, on every rank (CPU).
 
@@ -28,14 +36,14 @@ def gather_rows(strategy: Any, rows: Optional[torch.Tensor], world_size: int) ->
     device = strategy.root_device
     n = -1 if rows is None else rows.shape[0]
     width = -1 if rows is None else rows.shape[1]
-    meta = strategy.all_gather(torch.tensor([n, width], dtype=torch.int64, device=device)).reshape(world_size, 2).cpu()
+    meta = _all_gather(torch.tensor([n, width], dtype=torch.int64, device=device), world_size).cpu()
     if (meta[:, 0] < 0).any():
         return None
     width = int(meta[:, 1].max())
     longest = int(meta[:, 0].max())
     padded = torch.zeros(longest, width, dtype=torch.float64, device=device)
     padded[: rows.shape[0]] = rows.to(device=device, dtype=torch.float64)
-    gathered = strategy.all_gather(padded).reshape(world_size, longest, width).cpu()
+    gathered = _all_gather(padded, world_size).cpu()
     return torch.cat([gathered[r, : int(meta[r, 0])] for r in range(world_size)])
 
 

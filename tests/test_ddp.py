@@ -90,6 +90,11 @@ SCRIPT = textwrap.dedent(
                    "export": cb.export_file, "batches": cb.state_dict()["batches"],
                    "rows": module.rows, "dropped": cb.policy.counts["rows_dropped"],
                    "failures": cb.state_dict()["failures_total"]}, fh)
+    # Tear the gloo group down before interpreter exit: left to the atexit order, its threads can
+    # abort the process ("terminate called without an active exception") after a successful run.
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     """
 )
 
