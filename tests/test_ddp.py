@@ -8,7 +8,6 @@ import sys
 import textwrap
 
 import numpy as np
-import pytest
 import torch
 
 from jepa_monitor import score_samples
