@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import nn
 
+from .evaluation import spearman
 from .jacobian import _NOT_DIFFERENTIABLE, NotDifferentiableError, differentiation_point
 from .outputs import OutputSelector, Pooling, embed
 
@@ -288,24 +289,6 @@ def slq_chunk(
     return ops.z[:b].detach(), score, n_floored, d_dim
 
 
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Spearman rank correlation (ties get their average rank), in float64."""
-
-    def ranks(v: torch.Tensor) -> torch.Tensor:
-        order = torch.argsort(v)
-        _, inverse, counts = torch.unique_consecutive(v[order], return_inverse=True, return_counts=True)
-        ends = counts.cumsum(0).to(torch.float64)
-        average = ends - (counts.to(torch.float64) - 1) / 2
-        out = torch.empty(v.shape[0], dtype=torch.float64, device=v.device)
-        out[order] = average[inverse]
-        return out
-
-    ra, rb = ranks(a), ranks(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    denom = (ra.square().sum() * rb.square().sum()).sqrt()
-    return float("nan") if denom == 0 else float((ra * rb).sum() / denom)
-
-
 @dataclass
 class CalibrationReport:
     """Approximate versus exact JEPA-SCORE on the same samples.
@@ -358,7 +341,7 @@ def calibrate(
         raise ValueError(f"calibration needs at least 3 samples with finite scores; got {count}.")
     diff = a - e
     report = CalibrationReport(
-        spearman=spearman(a, e),
+        spearman=float(spearman(a, e)),
         mean_bias=float(diff.mean()),
         max_abs_error=float(diff.abs().max()),
         n=count,

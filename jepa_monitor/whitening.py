@@ -29,25 +29,11 @@ from typing import Any, Callable, Dict, Tuple, Union
 import torch
 from torch import nn
 
+from .baselines import ledoit_wolf_shrinkage
 from .outputs import OutputSelector, Pooling, embed
 from .scoring import HALF_LOG_2PI, SampleScores
 
 Shrinkage = Union[str, float]
-
-
-def ledoit_wolf_shrinkage(centred: torch.Tensor) -> float:
-    """Ledoit–Wolf (2004) intensity α of Σ̂ = (1 - α)·S + α·(tr S / K)·I for centred rows (N, K),
-    S = XᵀX / N; the same estimate as ``sklearn.covariance.ledoit_wolf_shrinkage``."""
-    n, k = centred.shape
-    x2 = centred.pow(2)
-    emp_trace = x2.sum(0) / n
-    mu = emp_trace.sum() / k
-    beta_ = (x2.T @ x2).sum()
-    delta_ = (centred.T @ centred).pow(2).sum() / n**2
-    beta = (beta_ / n - delta_) / (k * n)
-    delta = (delta_ - 2.0 * mu * emp_trace.sum() + k * mu**2) / k
-    beta = torch.minimum(beta, delta)
-    return 0.0 if beta.item() == 0 else (beta / delta).item()
 
 
 class Whitening:
