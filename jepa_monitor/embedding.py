@@ -45,6 +45,15 @@ def cheap_embedder(score_fn: Callable[[torch.Tensor], Any]) -> Optional[Callable
     if not (isinstance(score_fn, functools.partial) and score_fn.func is score_samples and len(score_fn.args) == 1):
         return None
     options = score_fn.keywords
-    return functools.partial(
+    embed_fn = functools.partial(
         embed_only, score_fn.args[0], output=options.get("output"), pool=options.get("pool", "mean")
     )
+    whitening = options.get("whitening")
+    if whitening is None:
+        return embed_fn
+    # score_samples then reports the prior of the whitened embedding; the cheap stage must match it.
+    def whitened(x: torch.Tensor) -> torch.Tensor:
+        z = embed_fn(x)
+        return (z - whitening.mean.to(z)) @ whitening.matrix.to(z)
+
+    return whitened

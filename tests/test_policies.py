@@ -349,3 +349,17 @@ def test_embed_only_matches_scoring_and_restores_modes():
     embed_fn = cheap_embedder(functools.partial(score_samples, enc, pool="mean"))
     torch.testing.assert_close(embed_fn(x), z)
     assert cheap_embedder(lambda v: score_samples(enc, v)) is None
+
+
+def test_cheap_embedder_matches_the_whitened_scores():
+    from jepa_monitor.whitening import Whitening
+
+    torch.manual_seed(0)
+    enc = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+    g = torch.Generator().manual_seed(3)
+    w = Whitening.fit(embed_only(enc, torch.randn(200, 6, generator=g)))
+    x = torch.randn(10, 6, generator=g)
+    score_fn = functools.partial(score_samples, enc, whitening=w)
+    # the cheap stage's prior must be the prior that score_samples reports, or the gate decides wrongly
+    torch.testing.assert_close(gaussian_log_prior(cheap_embedder(score_fn)(x)), score_fn(x).log_prior,
+                               rtol=1e-4, atol=1e-4)
