@@ -668,7 +668,10 @@ class JEPAScoreMonitor(Callback):
         if self.policy is None:
             return
         # Every component: the policy picks its own, and its cheap first stage needs the others.
-        self.policy.calibrate(scores)
+        try:
+            self.policy.calibrate(scores)
+        except Exception as err:  # e.g. no finite held-out score after a divergence: keep the old threshold
+            self._warn_once("calibrate", f"{self._tag}: policy calibration skipped ({type(err).__name__}: {err}).")
 
     def _flush_policy_rows(self, trainer: Trainer) -> None:
         """Dropped-row exports are buffered per rank and gathered at held-out evaluations, so

@@ -161,3 +161,15 @@ def test_bad_arguments_fail_at_construction():
         JEPAScoreMonitor("encoder", heldout_loader(), every_n_steps=0)
     with pytest.raises(ValueError, match="export"):
         JEPAScoreMonitor("encoder", heldout_loader(), export="xlsx")
+
+
+def test_policy_calibration_on_nonfinite_scores_does_not_raise():
+    from jepa_monitor.callbacks import JEPAScoreMonitor
+    from jepa_monitor.policies import Drop
+
+    policy = Drop()
+    mon = JEPAScoreMonitor(heldout=torch.zeros(4, 3), policy=policy)
+    nan = torch.full((4,), float("nan"))
+    with pytest.warns(UserWarning, match="calibration skipped"):
+        mon._calibrate_policy({"jepa_score": nan, "log_prior": nan, "log_density": nan})
+    assert policy.threshold is None
