@@ -6,11 +6,12 @@ of the core (:func:`jepa_monitor.score_samples`, :mod:`jepa_monitor.statistics`)
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import time
 import warnings
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -188,6 +189,16 @@ class JEPAScoreMonitor(Callback):
                 raise ModuleNotFoundError("export='parquet' needs pyarrow: pip install pyarrow, or use export='csv'.") from err
         if not name or "/" in name:
             raise ValueError(f"name={name!r} must be a non-empty string without '/'.")
+        policy_key = getattr(policy, "weight_key", "sample_weight")
+        if policy_key != "sample_weight":
+            # A key set on the policy alone must be honoured; two different keys set on purpose
+            # cannot both be.
+            if weight_key not in ("sample_weight", policy_key):
+                raise ValueError(
+                    f"weight_key={weight_key!r} on the monitor and weight_key={policy_key!r} on the policy "
+                    "differ; set it in one place."
+                )
+            weight_key = policy_key
 
         self.encoder = encoder
         self.heldout = heldout
@@ -492,13 +503,16 @@ class JEPAScoreMonitor(Callback):
         try:
             rows = compute()
         except Exception as e:  # a fault inside scoring must never end the training run
-            if strict:
-                raise MisconfigurationException(f"{self._tag}: scoring the {what} failed: {_message(e)}") from e
             err = e
+        # Every rank reaches the gather even when it failed, so a strict (fit-start) failure on one
+        # rank fails all of them instead of leaving the others waiting in the collective.
         gathered = gather_rows(trainer.strategy, rows, trainer.world_size)
         seconds = time.perf_counter() - start
         self._add_seconds(seconds)
         if gathered is None:
+            if strict:
+                reason = _message(err) if err is not None else "it failed on another rank"
+                raise MisconfigurationException(f"{self._tag}: scoring the {what} failed: {reason}") from err
             self._on_failure(what, err)
             return None
         self._failures = 0
@@ -567,17 +581,18 @@ class JEPAScoreMonitor(Callback):
                 if self._reference is None:
                     self._reference = {c: v.clone() for c, v in scores.items()}
                 self._latest_heldout = {c: v.clone() for c, v in scores.items()}
-            metrics = self._split_metrics(split, res, compare_to=self._reference, prefix="drift")
-            ks = metrics.get(f"{self.name}/{split}/{self.drift_component}/drift_ks")
-            metrics.update(self._alert(split, ks, "held-out scores moved away from the reference"))
-            metrics.update(self._time_metrics(res["seconds"]))
-            if split == "heldout":
-                metrics.update(self._trust_metrics(res["embedding"], scores))
-                self._calibrate_policy(scores)
-            self._history.append(self._history_entry(trainer, split, metrics))
-            self._log(trainer, metrics)
-            self._write_tensorboard(trainer, split, scores, images=self._heldout_x[res["index"]])
-            self._export(trainer, split, scores, res["n_floored"], [self._heldout_ids[i] for i in res["index"].tolist()])
+            with self._reporting(f"{split} set"):
+                metrics = self._split_metrics(split, res, compare_to=self._reference, prefix="drift")
+                ks = metrics.get(f"{self.name}/{split}/{self.drift_component}/drift_ks")
+                metrics.update(self._alert(split, ks, "held-out scores moved away from the reference"))
+                metrics.update(self._time_metrics(res["seconds"]))
+                if split == "heldout":
+                    metrics.update(self._trust_metrics(res["embedding"], scores))
+                    self._calibrate_policy(scores)
+                self._history.append(self._history_entry(trainer, split, metrics))
+                self._log(trainer, metrics)
+                self._write_tensorboard(trainer, split, scores, images=self._heldout_x[res["index"]])
+                self._export(trainer, split, scores, res["n_floored"], [self._heldout_ids[i] for i in res["index"].tolist()])
             if split == "heldout":
                 self._flush_policy_rows(trainer)
 
@@ -600,19 +615,20 @@ class JEPAScoreMonitor(Callback):
                 id_lists = gather_objects(picked.get("ids"), trainer.world_size)
             if res is None:
                 return
-            metrics = self._split_metrics("incoming", res, compare_to=self._reference, prefix="drift")
-            metrics.update(self._split_metrics("incoming", res, compare_to=self._latest_heldout, prefix="shift", summary=False))
-            ks = metrics.get(f"{self.name}/incoming/{self.drift_component}/shift_ks")
-            metrics.update(self._alert("incoming", ks, "incoming data differ from the held-out data"))
-            metrics.update(self._time_metrics(res["seconds"]))
-            self._history.append(self._history_entry(trainer, "incoming", metrics))
-            self._log(trainer, metrics)
-            scores = {c: res[c] for c in COMPONENTS}
-            self._write_tensorboard(trainer, "incoming", scores, images=None)
-            all_ids = None
-            if self.id_key is not None and all(i is not None for i in id_lists):
-                all_ids = [i for lst in id_lists for i in lst]
-            self._export(trainer, "incoming", scores, res["n_floored"], all_ids)
+            with self._reporting("incoming batch"):
+                metrics = self._split_metrics("incoming", res, compare_to=self._reference, prefix="drift")
+                metrics.update(self._split_metrics("incoming", res, compare_to=self._latest_heldout, prefix="shift", summary=False))
+                ks = metrics.get(f"{self.name}/incoming/{self.drift_component}/shift_ks")
+                metrics.update(self._alert("incoming", ks, "incoming data differ from the held-out data"))
+                metrics.update(self._time_metrics(res["seconds"]))
+                self._history.append(self._history_entry(trainer, "incoming", metrics))
+                self._log(trainer, metrics)
+                scores = {c: res[c] for c in COMPONENTS}
+                self._write_tensorboard(trainer, "incoming", scores, images=None)
+                all_ids = None
+                if self.id_key is not None and all(i is not None for i in id_lists):
+                    all_ids = [i for lst in id_lists for i in lst]
+                self._export(trainer, "incoming", scores, res["n_floored"], all_ids)
 
     # ------------------------------------------------------------------ curation (policy)
     def _curate(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None:
@@ -680,11 +696,26 @@ class JEPAScoreMonitor(Callback):
             return
         per_rank = gather_objects(self._pending_policy_rows, trainer.world_size)
         self._pending_policy_rows = []
-        for rows in per_rank:
-            for r in rows:
-                n = len(r["kept"])
-                self._export_rows(trainer, r["step"], "incoming", n, sample_ids=r["ids"], scores=r["scores"],
-                                  kept=r["kept"], weight=r["weight"])
+        with self._reporting("curated rows"):
+            for rows in per_rank:
+                for r in rows:
+                    n = len(r["kept"])
+                    self._export_rows(trainer, r["step"], "incoming", n, sample_ids=r["ids"], scores=r["scores"],
+                                      kept=r["kept"], weight=r["weight"])
+
+    @contextlib.contextmanager
+    def _reporting(self, what: str) -> Iterator[None]:
+        """Statistics, logging, TensorBoard and export after a measurement: a fault there (a full
+        disk, a logger error) is a warning, never the end of the run. No collective call may run
+        inside, since only some ranks may fail."""
+        try:
+            yield
+        except Exception as err:
+            warnings.warn(
+                f"{self._tag}: reporting the {what} at training batch {self._batches} failed "
+                f"({type(err).__name__}: {err}); those results are not logged, training continues.",
+                RuntimeWarning, stacklevel=3,
+            )
 
     # ------------------------------------------------------------------ metrics
     def _split_metrics(self, split: str, res: Dict[str, Any], compare_to: Optional[Dict[str, torch.Tensor]],

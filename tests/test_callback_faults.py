@@ -173,3 +173,32 @@ def test_policy_calibration_on_nonfinite_scores_does_not_raise():
     with pytest.warns(UserWarning, match="calibration skipped"):
         mon._calibrate_policy({"jepa_score": nan, "log_prior": nan, "log_density": nan})
     assert policy.threshold is None
+
+
+def test_a_fault_while_reporting_is_a_warning_not_the_end_of_the_run(tmp_path, monkeypatch):
+    # e.g. a full disk under the export: the measurement happened, writing it out failed
+    from jepa_monitor.export import ScoreExporter
+
+    def broken_write(self, *args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(ScoreExporter, "write", broken_write)
+    cb = monitor()
+    model = CountingModule()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, [cb]).fit(model, train_loader())
+    msgs = [str(w.message) for w in caught if "No space left on device" in str(w.message)]
+    assert model.steps == 6 and not cb.disabled
+    # reference + 3 held-out + 6 incoming evaluations, each reported as failed, none fatal
+    assert len(msgs) == 1 + 3 + 6 and all("training continues" in m for m in msgs)
+    assert len(cb.history) == 1 + 3 + 6  # statistics were computed before the export failed
+
+
+def test_reweight_key_set_on_the_policy_is_honoured():
+    from jepa_monitor.policies import Reweight
+
+    assert monitor(policy=Reweight(weight_key="w")).weight_key == "w"
+    assert monitor(policy=Reweight(), weight_key="w").weight_key == "w"
+    with pytest.raises(ValueError, match="differ; set it in one place"):
+        monitor(policy=Reweight(weight_key="a"), weight_key="b")
