@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from .evaluation import spearman
-from .jacobian import _NOT_DIFFERENTIABLE, NotDifferentiableError, differentiation_point
+from .jacobian import _NOT_DIFFERENTIABLE, NotDifferentiableError, differentiable_forward
 from .outputs import OutputSelector, Pooling, embed
 
 DEFAULT_MIN_SPEARMAN = 0.9
@@ -90,20 +90,10 @@ class _GramProducts:
     def _build(self, math_attention: bool) -> None:
         encoder, x, input_module = self._encoder, self._x, self._input_module
         kernel = _math_attention() if math_attention else contextlib.nullcontext()
-        with kernel, differentiation_point(x, input_module) as holder:
-            if input_module is None:
-                raw = encoder(holder[0])
-            else:
-                raw = encoder(x.clone() if x.is_inference() else x)
-                if not holder:
-                    raise ValueError(
-                        f"input_module {type(input_module).__name__} was not called during the "
-                        "encoder's forward pass; pass the module whose output the encoder consumes."
-                    )
-        self.leaf = holder[0]
-        self.z = embed(raw, self._output, self._pool, x.shape[0])
-        if not self.z.requires_grad:
-            raise NotDifferentiableError(_NOT_DIFFERENTIABLE)
+        with kernel:
+            self.leaf, self.z = differentiable_forward(
+                encoder, x, output=self._output, pool=self._pool, input_module=input_module
+            )
         self._transpose_graph = None
 
     @property

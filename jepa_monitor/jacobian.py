@@ -91,6 +91,32 @@ def _vjp_rows_batched(z: torch.Tensor, leaf: torch.Tensor, out: torch.Tensor, ro
         out[:, start:stop] = g.reshape(stop - start, b, -1).transpose(0, 1)
 
 
+def differentiable_forward(
+    encoder: Callable[[torch.Tensor], Any],
+    x: torch.Tensor,
+    *,
+    output: OutputSelector,
+    pool: Pooling,
+    input_module: Optional[nn.Module],
+):
+    """(leaf, z): the tensor to differentiate against and the (b, K) embedding built from it."""
+    with differentiation_point(x, input_module) as holder:
+        if input_module is None:
+            raw = encoder(holder[0])
+        else:
+            # Inference tensors (ids fetched under inference_mode) cannot be saved for backward.
+            raw = encoder(x.clone() if x.is_inference() else x)
+            if not holder:
+                raise ValueError(
+                    f"input_module {type(input_module).__name__} was not called during the encoder's "
+                    "forward pass; pass the module whose output the encoder actually consumes."
+                )
+    z = embed(raw, output, pool, x.shape[0])
+    if not z.requires_grad:
+        raise NotDifferentiableError(_NOT_DIFFERENTIABLE)
+    return holder[0], z
+
+
 def embedding_and_jacobian(
     encoder: Callable[[torch.Tensor], Any],
     x: torch.Tensor,
@@ -106,30 +132,16 @@ def embedding_and_jacobian(
     or 0 loops over rows, which measured fastest on CPU. A batching failure (no vmap rule for an
     op, e.g. attention on CPU) falls back to the loop.
     """
-    with differentiation_point(x, input_module) as holder:
-        if input_module is None:
-            raw = encoder(holder[0])
-        else:
-            # Inference tensors (ids fetched under inference_mode) cannot be saved for backward.
-            raw = encoder(x.clone() if x.is_inference() else x)
-            if not holder:
-                raise ValueError(
-                    f"input_module {type(input_module).__name__} was not called during the encoder's "
-                    "forward pass; pass the module whose output the encoder actually consumes."
-                )
-        leaf = holder[0]
-        z = embed(raw, output, pool, x.shape[0])
-        if not z.requires_grad:
-            raise NotDifferentiableError(_NOT_DIFFERENTIABLE)
-        b, k_dim = z.shape
-        jac = torch.empty(b, k_dim, leaf[0].numel(), dtype=z.dtype, device=z.device)
-        if vectorize:
-            try:
-                _vjp_rows_batched(z, leaf, jac, vectorize)
-            except NotDifferentiableError:
-                raise
-            except RuntimeError:
-                _vjp_rows_loop(z, leaf, jac)
-        else:
+    leaf, z = differentiable_forward(encoder, x, output=output, pool=pool, input_module=input_module)
+    b, k_dim = z.shape
+    jac = torch.empty(b, k_dim, leaf[0].numel(), dtype=z.dtype, device=z.device)
+    if vectorize:
+        try:
+            _vjp_rows_batched(z, leaf, jac, vectorize)
+        except NotDifferentiableError:
+            raise
+        except RuntimeError:
             _vjp_rows_loop(z, leaf, jac)
-        return z.detach(), jac
+    else:
+        _vjp_rows_loop(z, leaf, jac)
+    return z.detach(), jac
