@@ -37,11 +37,9 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import nn
 
-from .evaluation import spearman
 from .jacobian import _NOT_DIFFERENTIABLE, NotDifferentiableError, differentiable_forward
 from .outputs import OutputSelector, Pooling, embed
 
-DEFAULT_MIN_SPEARMAN = 0.9
 # A Lanczos residual this small against the largest Ritz value seen means the Krylov space is
 # exhausted (round-off after full reorthogonalisation is ~1e-16); any legitimate coupling this weak
 # changes the quadrature by O(β²), far below the float32 matrix products' own noise.
@@ -277,73 +275,3 @@ def slq_chunk(
     score = torch.where(sample_finite, score, torch.full_like(score, float("nan")))
     n_floored = torch.where(sample_finite, below.round(), torch.zeros_like(below)).to(torch.int64)
     return ops.z[:b].detach(), score, n_floored, d_dim
-
-
-@dataclass
-class CalibrationReport:
-    """Approximate versus exact JEPA-SCORE on the same samples.
-
-    Attributes:
-        spearman: rank correlation between the two scores (what monitoring and curation rely on).
-        mean_bias: mean of approximate − exact, in nats.
-        max_abs_error: largest |approximate − exact|, in nats.
-        n: samples compared (rows where both scores are finite).
-        min_spearman: the threshold ``ok`` is judged against.
-        exact, approx: the float32 (B,) scores themselves.
-    """
-
-    spearman: float
-    mean_bias: float
-    max_abs_error: float
-    n: int
-    min_spearman: float
-    exact: torch.Tensor
-    approx: torch.Tensor
-
-    @property
-    def ok(self) -> bool:
-        """The approximation ranks like the exact score on this subset."""
-        return math.isfinite(self.spearman) and self.spearman >= self.min_spearman
-
-
-def calibrate(
-    encoder: Callable[[torch.Tensor], Any],
-    x: torch.Tensor,
-    *,
-    method: str = "slq",
-    approx_options: Optional[dict] = None,
-    min_spearman: float = DEFAULT_MIN_SPEARMAN,
-    **score_options: Any,
-) -> CalibrationReport:
-    """Score ``x`` (a modest subset: the exact path runs on it) both ways and compare.
-
-    Warns when the approximation's Spearman correlation with the exact score is below
-    ``min_spearman``: then use ``method="exact"`` or raise ``num_probes``/``lanczos_steps``.
-    """
-    from .scoring import score_samples
-
-    exact = score_samples(encoder, x, method="exact", **score_options).jepa_score
-    approx = score_samples(encoder, x, method=method, approx_options=approx_options, **score_options).jepa_score
-    keep = torch.isfinite(exact) & torch.isfinite(approx)
-    e, a = exact[keep].to(torch.float64), approx[keep].to(torch.float64)
-    count = int(keep.sum())
-    if count < 3:
-        raise ValueError(f"calibration needs at least 3 samples with finite scores; got {count}.")
-    diff = a - e
-    report = CalibrationReport(
-        spearman=float(spearman(a, e)),
-        mean_bias=float(diff.mean()),
-        max_abs_error=float(diff.abs().max()),
-        n=count,
-        min_spearman=min_spearman,
-        exact=exact,
-        approx=approx,
-    )
-    if not report.ok:
-        warnings.warn(
-            f"method={method!r} ranks samples unlike the exact score on this subset "
-            f"(Spearman {report.spearman:.3f} < {min_spearman}, mean bias {report.mean_bias:.2f} nats): "
-            "use method='exact', or raise approx_options num_probes / lanczos_steps and calibrate again.",
-            stacklevel=2,
-        )
-    return report

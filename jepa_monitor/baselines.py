@@ -11,16 +11,15 @@ checkpoint them with ``state_dict()`` / ``load_state_dict()``.
 
 from __future__ import annotations
 
-import math
 import warnings
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, Optional, Tuple
 
 import torch
 
-HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+from .gaussian import Shrinkage, fit_gaussian, gaussian_log_prior
+
 DEFAULT_KNN_MEMORY = 64 * 2**20
 SINGULAR_RTOL = 1e-12
-Shrinkage = Union[float, str]
 
 
 def _check_embeddings(z: torch.Tensor, what: str) -> torch.Tensor:
@@ -53,29 +52,7 @@ def gaussian_prior_score(z: torch.Tensor) -> torch.Tensor:
 
     The same number as ``SampleScores.log_prior``: the prior term of ``log_density`` on its own.
     """
-    z = _check_embeddings(z, "z")
-    z64 = z.to(torch.float64)
-    return (-0.5 * z64.pow(2).sum(-1) - z.shape[1] * HALF_LOG_2PI).to(torch.float32)
-
-
-def ledoit_wolf_shrinkage(centered: torch.Tensor) -> float:
-    """Ledoit–Wolf optimal shrinkage intensity towards (tr S / K)·I for centred (N, K) data.
-
-    The same estimate as ``sklearn.covariance.ledoit_wolf_shrinkage`` (float64).
-    """
-    x = centered.to(torch.float64)
-    n, p = x.shape
-    if p == 1:
-        return 0.0  # one dimension: the target is the covariance itself
-    x2 = x.pow(2)
-    trace_terms = x2.sum(0) / n
-    mu = trace_terms.sum() / p
-    beta_ = (x2.T @ x2).sum()
-    delta_ = (x.T @ x).pow(2).sum() / n**2
-    beta = (beta_ / n - delta_) / (p * n)
-    delta = (delta_ - 2.0 * mu * trace_terms.sum() + p * mu**2) / p
-    beta = torch.minimum(beta, delta)
-    return 0.0 if float(beta) == 0.0 else float(beta / delta)
+    return gaussian_log_prior(_check_embeddings(z, "z"))
 
 
 def mahalanobis_fit(
@@ -90,20 +67,12 @@ def mahalanobis_fit(
     or a collapsed direction.
     """
     reference = _finite_reference(reference, 2, "reference embeddings")
-    x = reference.to(torch.float64)
-    mean = x.mean(0)
-    centered = x - mean
-    k_dim = x.shape[1]
-    cov = centered.T @ centered / x.shape[0]
-    if shrinkage == "ledoit_wolf":
-        shrinkage = ledoit_wolf_shrinkage(centered)
-    elif isinstance(shrinkage, str) or not 0.0 <= float(shrinkage) <= 1.0:
-        raise ValueError(f"shrinkage must be a number in [0, 1] or 'ledoit_wolf'; got {shrinkage!r}.")
     if ridge < 0:
         raise ValueError(f"ridge must be >= 0; got {ridge}.")
+    mean, cov, _ = fit_gaussian(reference, shrinkage)
     avg_var = torch.diagonal(cov).mean()
-    eye = torch.eye(k_dim, dtype=torch.float64, device=x.device)
-    cov = (1.0 - shrinkage) * cov + (shrinkage + ridge) * avg_var * eye
+    k_dim = cov.shape[0]
+    cov = cov + ridge * avg_var * torch.eye(k_dim, dtype=torch.float64, device=cov.device)
     eig = torch.linalg.eigvalsh(cov)
     # float64 round-off leaves a collapsed direction with a tiny positive variance that Cholesky
     # accepts; its inverse would then dominate every distance.

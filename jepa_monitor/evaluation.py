@@ -7,14 +7,21 @@
 
 from __future__ import annotations
 
+import math
 import warnings
-from typing import Any, Callable, Dict, Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Mapping, Optional, Union
 
 import torch
 from torchmetrics.functional.classification import binary_auroc, binary_roc
 
-from .baselines import GaussianPriorScore, KNNScore, MahalanobisScore, Shrinkage
-from .scoring import SampleScores, score_samples
+from .baselines import GaussianPriorScore, KNNScore, MahalanobisScore
+from .gaussian import Shrinkage
+from .scorer import Scorer, as_scorer
+from .scores import SampleScores
+from .statistics import rankdata, spearman
+
+DEFAULT_MIN_SPEARMAN = 0.9
 
 TPR_PERCENT = 95
 SCORE_NAMES = ("jepa_score", "log_density", "log_prior", "mahalanobis", "knn")
@@ -68,45 +75,6 @@ def ood_metrics(inlier_scores: torch.Tensor, outlier_scores: torch.Tensor) -> Di
     }
 
 
-def rankdata(x: torch.Tensor) -> torch.Tensor:
-    """Ranks 1..N of a 1-D tensor, ties sharing their average rank (scipy's "average"), float64."""
-    sorted_x, order = x.sort()
-    _, inverse, counts = torch.unique_consecutive(sorted_x, return_inverse=True, return_counts=True)
-    counts = counts.to(torch.float64)
-    average = counts.cumsum(0) - (counts - 1) / 2
-    ranks = torch.empty(x.numel(), dtype=torch.float64, device=x.device)
-    ranks[order] = average[inverse]
-    return ranks
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor, *, nan_policy: str = "propagate") -> torch.Tensor:
-    """Spearman rank correlation of two 1-D tensors of equal length, 0-dim float64 tensor.
-
-    ``nan_policy``: "propagate" returns NaN when either input has a NaN (as scipy does), "omit"
-    drops the pairs with a NaN. A constant input (or fewer than 2 pairs) gives NaN.
-    """
-    if a.ndim != 1 or a.shape != b.shape:
-        raise ValueError(f"spearman needs two 1-D tensors of equal length; got {tuple(a.shape)} and {tuple(b.shape)}.")
-    if nan_policy not in ("propagate", "omit"):
-        raise ValueError(f"nan_policy must be 'propagate' or 'omit'; got {nan_policy!r}.")
-    b = b.to(a.device)
-    nan = torch.isnan(a) | torch.isnan(b)
-    if bool(nan.any()):
-        if nan_policy == "propagate":
-            return torch.tensor(float("nan"), dtype=torch.float64)
-        a, b = a[~nan], b[~nan]
-    if a.numel() < 2:
-        return torch.tensor(float("nan"), dtype=torch.float64)
-    ra = rankdata(a)
-    rb = rankdata(b)
-    ra = ra - ra.mean()
-    rb = rb - rb.mean()
-    denom = (ra.pow(2).sum() * rb.pow(2).sum()).sqrt()
-    if float(denom) == 0.0:
-        return torch.tensor(float("nan"), dtype=torch.float64)
-    return (ra * rb).sum() / denom
-
-
 def fit_baselines(
     reference_embedding: torch.Tensor, *, knn_k: int = 5, shrinkage: Shrinkage = 0.0
 ) -> Dict[str, Any]:
@@ -127,7 +95,7 @@ def score_columns(scores: SampleScores, baselines: Mapping[str, Any]) -> Dict[st
 
 
 def compare_scores(
-    encoder: Callable[[torch.Tensor], Any],
+    encoder: Union[Scorer, Callable[[torch.Tensor], Any]],
     reference_x: torch.Tensor,
     inlier_x: torch.Tensor,
     outlier_x: torch.Tensor,
@@ -139,13 +107,85 @@ def compare_scores(
     """AUROC and FPR95 of every score (names in ``SCORE_NAMES``) on inliers vs outliers.
 
     ``reference_x`` must be distinct from ``inlier_x``: the Mahalanobis and kNN baselines are fitted
-    on its embeddings (a sample is its own nearest neighbour). Each set is scored by one
-    :func:`~jepa_monitor.score_samples` call with ``score_options``.
+    on its embeddings (a sample is its own nearest neighbour). ``encoder`` is a
+    :class:`~jepa_monitor.scorer.Scorer`, or an encoder with ``score_options``.
 
     Returns ``{score name: {"auroc": ..., "fpr95": ...}}``.
     """
-    reference = score_samples(encoder, reference_x, **score_options)
+    scorer = as_scorer(encoder, **score_options)
+    reference = scorer.score(reference_x)
     baselines = fit_baselines(reference.embedding, knn_k=knn_k, shrinkage=shrinkage)
-    inl = score_columns(score_samples(encoder, inlier_x, **score_options), baselines)
-    out = score_columns(score_samples(encoder, outlier_x, **score_options), baselines)
+    inl = score_columns(scorer.score(inlier_x), baselines)
+    out = score_columns(scorer.score(outlier_x), baselines)
     return {name: ood_metrics(inl[name], out[name]) for name in inl}
+
+
+@dataclass
+class CalibrationReport:
+    """Approximate versus exact JEPA-SCORE on the same samples.
+
+    Attributes:
+        spearman: rank correlation between the two scores (what monitoring and curation rely on).
+        mean_bias: mean of approximate − exact, in nats.
+        max_abs_error: largest |approximate − exact|, in nats.
+        n: samples compared (rows where both scores are finite).
+        min_spearman: the threshold ``ok`` is judged against.
+        exact, approx: the float32 (B,) scores themselves.
+    """
+
+    spearman: float
+    mean_bias: float
+    max_abs_error: float
+    n: int
+    min_spearman: float
+    exact: torch.Tensor
+    approx: torch.Tensor
+
+    @property
+    def ok(self) -> bool:
+        """The approximation ranks like the exact score on this subset."""
+        return math.isfinite(self.spearman) and self.spearman >= self.min_spearman
+
+
+def calibrate(
+    encoder: Union[Scorer, Callable[[torch.Tensor], Any]],
+    x: torch.Tensor,
+    *,
+    method: str = "slq",
+    approx_options: Optional[dict] = None,
+    min_spearman: float = DEFAULT_MIN_SPEARMAN,
+    **score_options: Any,
+) -> CalibrationReport:
+    """Score ``x`` (a modest subset: the exact path runs on it) exactly and with ``method``, and compare.
+
+    ``encoder``: a :class:`~jepa_monitor.scorer.Scorer` or an encoder with ``score_options``.
+
+    Warns when the approximation's Spearman correlation with the exact score is below
+    ``min_spearman``: then use ``method="exact"`` or raise ``num_probes``/``lanczos_steps``.
+    """
+    base = as_scorer(encoder, **score_options)
+    exact = base.replace(method="exact").score(x).jepa_score
+    approx = base.replace(method=method, approx_options=approx_options).score(x).jepa_score
+    keep = torch.isfinite(exact) & torch.isfinite(approx)
+    e, a = exact[keep].to(torch.float64), approx[keep].to(torch.float64)
+    count = int(keep.sum())
+    if count < 3:
+        raise ValueError(f"calibration needs at least 3 samples with finite scores; got {count}.")
+    diff = a - e
+    report = CalibrationReport(
+        spearman=float(spearman(a, e)),
+        mean_bias=float(diff.mean()),
+        max_abs_error=float(diff.abs().max()),
+        n=count,
+        min_spearman=min_spearman,
+        exact=exact,
+        approx=approx,
+    )
+    if not report.ok:
+        warnings.warn(
+            f"method={method!r} ranks samples unlike the exact score on this subset "
+            f"(Spearman {report.spearman:.3f} < {min_spearman}, mean bias {report.mean_bias:.2f} nats): "
+            "use method='exact', or raise approx_options num_probes / lanczos_steps and calibrate again.",
+            stacklevel=2,
+        )
+    return report

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 
@@ -44,8 +44,21 @@ def select_output(out: Any, output: OutputSelector) -> torch.Tensor:
     )
 
 
-def pool_tokens(z: torch.Tensor, pool: Pooling) -> torch.Tensor:
-    """(B, K) stays; (B, T, K) token outputs are pooled; anything wider is flattened."""
+def masked_mean(z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of (B, T, K) token outputs over the tokens where ``mask`` (B, T) is non-zero: padding
+    must not count, or a short sentence's embedding depends on how much padding its batch had."""
+    if mask.shape != z.shape[:2]:
+        raise ValueError(
+            f"the attention mask has shape {tuple(mask.shape)} but the encoder's token output is "
+            f"{tuple(z.shape)}; mean pooling needs one mask entry per output token (B, T)."
+        )
+    w = (mask != 0).to(z.dtype).unsqueeze(-1)
+    return (z * w).sum(1) / w.sum(1).clamp_min(1.0)
+
+
+def pool_tokens(z: torch.Tensor, pool: Pooling, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(B, K) stays; (B, T, K) token outputs are pooled (``mask`` (B, T) excludes padding from
+    "mean"); anything wider is flattened."""
     if z.ndim == 2:
         return z
     if z.ndim < 2:
@@ -61,14 +74,16 @@ def pool_tokens(z: torch.Tensor, pool: Pooling) -> torch.Tensor:
     if pool == "flatten" or z.ndim > 3:
         return z.flatten(1)
     if pool == "mean":
-        return z.mean(dim=1)
+        return z.mean(dim=1) if mask is None else masked_mean(z, mask)
     if pool == "first":
         return z[:, 0]
     raise ValueError(f"pool={pool!r} is not one of {POOLINGS} or a callable.")
 
 
-def embed(out: Any, output: OutputSelector, pool: Pooling, batch_size: int) -> torch.Tensor:
-    z = pool_tokens(select_output(out, output), pool)
+def embed(out: Any, output: OutputSelector, pool: Pooling, batch_size: int,
+          mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The (B, K) embedding of an encoder output: selected, pooled, checked."""
+    z = pool_tokens(select_output(out, output), pool, mask)
     if z.shape[0] != batch_size:
         raise ValueError(
             f"the encoder's output has {z.shape[0]} rows for {batch_size} input samples; the "

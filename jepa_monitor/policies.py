@@ -1,12 +1,20 @@
 """Curation policies: which rows of an incoming batch train, and with what weight.
 
 A policy compares each incoming row's density score with a threshold calibrated on the **held-out
-reference** (its ``quantile``, refreshed by :meth:`~_Policy.calibrate` at every held-out
+reference** (its ``quantile``, refreshed by :meth:`~ThresholdPolicy.calibrate` at every held-out
 evaluation), never on the batch itself: a batch that is all junk is caught, a clean batch loses
 about ``quantile`` of its rows. :class:`Drop` removes low-density rows; :class:`Reweight` gives each
 row a weight in [0, 1] that is smooth in its score. Both are pure torch (no Lightning): the monitor
-callback calls ``decide_batch`` on every training batch and :func:`jepa_monitor.batch_edit.apply_decision`
-edits the batch.
+callback calls ``decide_batch`` on every training batch and :func:`jepa_monitor.batches.apply_decision`
+edits the batch. :class:`Policy` is the protocol a user-written policy implements.
+
+**Safe by default.** Nothing is decided until the encoder can be read as a density
+(``warmup="trust"``: the trust indicator of :mod:`jepa_monitor.diagnostics` has passed, and the
+threshold comes from a held-out evaluation whose trust passed); a threshold older than
+``max_threshold_age`` batches is refreshed before use; :class:`Drop` never leaves fewer than
+``min_keep=2`` rows (a BatchNorm layer raises on one) nor drops more than ``max_drop_fraction=0.5``
+of a batch (an all-junk batch then trains on its best half: add ``batch_anomaly`` to zero its
+weight too).
 
 **Cost, and the two-stage gate.** The exact score of a row costs one forward and K backward passes.
 With ``score_key="log_density"`` (the default) the score is ``jepa_score + log_prior`` and the prior
@@ -49,15 +57,15 @@ training step's gradient synchronisation is untouched and a rank may drop more r
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Mapping, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Protocol, Union, runtime_checkable
 
 import torch
 
-from .embedding import cheap_embedder
-from .scoring import gaussian_log_prior
+from .gaussian import gaussian_log_prior
+from .scores import COMPONENTS
 from .statistics import quantiles
 
-SCORE_KEYS = ("log_density", "jepa_score", "log_prior")
+SCORE_KEYS = COMPONENTS
 #: Fewest finite reference rows from which the gate takes the Jacobian term's range: a new row falls
 #: outside the range of n reference rows with probability 2/(n+1), 17% for n = 11, 3% for n = 64.
 GATE_MIN_REFERENCE = 64
@@ -78,6 +86,8 @@ class Decision:
         n_scored: rows that needed the expensive (Jacobian) score.
         n_nonfinite: rows with a NaN/Inf score.
         n_estimated: undecided rows left without the Jacobian by ``gate_budget`` (approximate).
+        n_gated: rows decided exactly from the embedding alone by the cheap gate.
+        n_capped: rows kept only because of ``min_keep`` / ``max_drop_fraction``.
     """
 
     keep: torch.Tensor
@@ -88,6 +98,8 @@ class Decision:
     n_scored: int = 0
     n_nonfinite: int = 0
     n_estimated: int = 0
+    n_gated: int = 0
+    n_capped: int = 0
 
 
 # ---------------------------------------------------------------------------------- pure functions
@@ -152,33 +164,107 @@ def median_below(scores: torch.Tensor, cutoff: float) -> bool:
     return 2 * int(below.sum()) > scores.numel()
 
 
+# ---------------------------------------------------------------------------------- the protocol
+@runtime_checkable
+class Policy(Protocol):
+    """What the monitor needs of a curation policy; implement it to bring your own rule.
+
+    - ``mode``: "drop" (rows with ``keep`` False are removed from the batch) or "reweight"
+      (``weight`` is written into the batch under ``weight_key``).
+    - ``score_key``: the component the policy reads ("log_density", "jepa_score", "log_prior").
+    - ``counts``: cumulative counters (str -> number), all logged as ``<name>/policy/<key>_total``.
+      The monitor adds ``rows_not_applied`` (rows a policy dropped that the batch type could not
+      lose) and moves them out of ``rows_dropped``.
+    - ``calibrate(reference, *, step, trust)``: new held-out scores (a mapping of components) at
+      training batch ``step`` with the trust indicator of that evaluation.
+    - ``needs_refresh(step)``: True when the calibration is too old to act on; the monitor then
+      re-scores the held-out set before the batch is decided.
+    - ``decide_batch(scorer, x, step, trust, side=...)`` -> :class:`Decision`. ``scorer`` has
+      ``score(x, **side) -> SampleScores`` and ``embed(x, **side) -> (B, K)``.
+    - ``state_dict()`` / ``load_state_dict(state)``: checkpointed with the monitor.
+    """
+
+    mode: str
+    weight_key: str
+    score_key: str
+    counts: Dict[str, float]
+
+    def calibrate(self, reference: Reference, *, step: int = 0, trust: Optional[float] = None) -> None: ...
+
+    def needs_refresh(self, step: int) -> bool: ...
+
+    def decide_batch(self, scorer: Any, x: torch.Tensor, step: int, trust: Optional[float] = None, *,
+                     side: Optional[Mapping[str, Any]] = None) -> Decision: ...
+
+    def state_dict(self) -> Dict[str, Any]: ...
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None: ...
+
+
+COUNT_KEYS = (
+    "batches", "active_batches", "anomalous_batches", "rows", "rows_dropped", "rows_not_applied",
+    "rows_scored", "rows_gated", "rows_estimated", "rows_capped", "rows_nonfinite", "rows_outside_gate",
+    "weight_sum", "calibrations_refused",
+)
+
+
+def _slice_side(side: Optional[Mapping[str, Any]], rows: torch.Tensor, n: int) -> Dict[str, Any]:
+    if not side:
+        return {}
+    return {k: (v[rows.to(v.device)] if isinstance(v, torch.Tensor) and v.ndim >= 1 and v.shape[0] == n else v)
+            for k, v in side.items()}
+
+
 # ---------------------------------------------------------------------------------- policies
-class _Policy:
-    """Shared calibration, gating and bookkeeping of :class:`Drop` and :class:`Reweight`.
+class ThresholdPolicy:
+    """Calibration, gating and bookkeeping shared by :class:`Drop` and :class:`Reweight`: every
+    option below is defined here once, and the two policies add only their own.
+
+    Args:
+        quantile: the threshold is this quantile of the held-out reference scores.
+        threshold: an absolute threshold (nats) instead; the reference still calibrates the gate.
+        warmup: ``"trust"`` (default): no action while the latest trust indicator is below
+            ``trust_threshold`` (default :data:`jepa_monitor.diagnostics.TRUST_THRESHOLD`) or unknown,
+            and a reference is only accepted from an evaluation whose trust passed; or a number of
+            training batches before the first action (references always accepted).
+        score_key: "log_density" (default), "jepa_score" or "log_prior" (no Jacobian at all).
+        every_n_steps: act on every n-th batch only (the others pass untouched).
+        max_threshold_age: a calibration older than this many training batches is refreshed (the
+            monitor re-scores the held-out set) before it is used; None: never.
+        batch_anomaly, anomalous_batch_weight: the noisy-batch rule of the module docstring.
+        gate, gate_margin, gate_budget: the two-stage gate of the module docstring (``gate=False``:
+            exact score for every row; ``gate_budget``: at most this many Jacobian rows per batch).
+        weight_key: the batch key weights are written under (dict batches).
 
     State (``state_dict``): ``threshold``, ``reference_median`` and ``reference_low`` (the reference's
     median and ``quantile``-quantile), ``anomaly_cutoff``, ``jacobian_range`` and ``jacobian_center``
-    (the gate), and ``counts``: ``batches``, ``active_batches``, ``anomalous_batches``, ``rows``,
-    ``rows_dropped``, ``rows_scored`` (Jacobian computed), ``rows_nonfinite``, ``rows_outside_gate``,
-    ``rows_estimated`` (decided from the estimate by the budget) and ``weight_sum``.
+    (the gate), ``calibrated_step``, and ``counts``: ``batches``, ``active_batches``,
+    ``anomalous_batches``, ``rows``, ``rows_dropped`` (removed from training), ``rows_not_applied``
+    (dropped by the decision, kept by an uneditable batch), ``rows_scored`` (Jacobian computed),
+    ``rows_gated`` (decided exactly from the embedding), ``rows_estimated`` (decided from the
+    estimate by the budget), ``rows_capped`` (kept by ``min_keep``/``max_drop_fraction``),
+    ``rows_nonfinite``, ``rows_outside_gate``, ``weight_sum`` and ``calibrations_refused`` (held-out
+    evaluations not used because trust had not passed).
     """
 
     mode = ""
 
     def __init__(
         self,
+        quantile: float = 0.05,
         *,
-        quantile: float,
-        threshold: Optional[float],
-        warmup: Union[int, str],
-        trust_threshold: Optional[float],
-        score_key: str,
-        every_n_steps: int,
-        batch_anomaly: Optional[float],
-        anomalous_batch_weight: float,
-        gate: bool,
-        gate_margin: float,
-        gate_budget: Optional[int],
+        threshold: Optional[float] = None,
+        warmup: Union[int, str] = "trust",
+        trust_threshold: Optional[float] = None,
+        score_key: str = "log_density",
+        every_n_steps: int = 1,
+        max_threshold_age: Optional[int] = 2000,
+        batch_anomaly: Optional[float] = None,
+        anomalous_batch_weight: float = 0.0,
+        gate: bool = True,
+        gate_margin: float = 0.1,
+        gate_budget: Optional[int] = 16,
+        weight_key: str = "sample_weight",
     ) -> None:
         if not 0.0 < quantile < 1.0:
             raise ValueError(f"quantile={quantile!r} must be in (0, 1), e.g. 0.05 to act on the lowest 5%.")
@@ -193,6 +279,8 @@ class _Policy:
             raise ValueError(f"warmup={warmup!r} must be a number of training batches (>= 0) or 'trust'.")
         if not (isinstance(every_n_steps, int) and every_n_steps >= 1):
             raise ValueError(f"every_n_steps={every_n_steps!r} must be a positive integer.")
+        if max_threshold_age is not None and not (isinstance(max_threshold_age, int) and max_threshold_age >= 1):
+            raise ValueError(f"max_threshold_age={max_threshold_age!r} must be a positive number of batches or None.")
         if batch_anomaly is not None and not 0.0 < batch_anomaly < 0.5:
             raise ValueError(f"batch_anomaly={batch_anomaly!r} must be a reference quantile in (0, 0.5), or None.")
         if not 0.0 <= anomalous_batch_weight <= 1.0:
@@ -207,11 +295,13 @@ class _Policy:
         self.trust_threshold = trust_threshold
         self.score_key = score_key
         self.every_n_steps = every_n_steps
+        self.max_threshold_age = max_threshold_age
         self.batch_anomaly = batch_anomaly
         self.anomalous_batch_weight = float(anomalous_batch_weight)
         self.gate = gate
         self.gate_margin = float(gate_margin)
         self.gate_budget = gate_budget
+        self.weight_key = weight_key
 
         self.threshold: Optional[float] = self.absolute_threshold
         self.reference_median: Optional[float] = None
@@ -219,18 +309,21 @@ class _Policy:
         self.anomaly_cutoff: Optional[float] = None
         self.jacobian_range: Optional[tuple] = None
         self.jacobian_center: Optional[float] = None
-        self.counts: Dict[str, float] = dict.fromkeys(
-            ("batches", "active_batches", "anomalous_batches", "rows", "rows_dropped", "rows_scored",
-             "rows_nonfinite", "rows_outside_gate", "rows_estimated", "weight_sum"), 0
-        )
+        self.calibrated_step: Optional[int] = None
+        self.counts: Dict[str, float] = dict.fromkeys(COUNT_KEYS, 0)
 
     # ------------------------------------------------------------------ calibration
-    def calibrate(self, reference: Reference) -> None:
-        """Set the threshold (and the gate) from held-out scores.
+    def _trusted(self, trust: Optional[float]) -> bool:
+        return self.warmup != "trust" or (trust is not None and trust >= self.trust_threshold)
+
+    def calibrate(self, reference: Reference, *, step: int = 0, trust: Optional[float] = None) -> None:
+        """Set the threshold (and the gate) from held-out scores taken at training batch ``step``.
 
         ``reference``: the held-out scores of ``score_key`` (a tensor), or a mapping of components
         (``jepa_score``, ``log_prior``, ``log_density``) as the monitor gathers them; only the mapping
-        lets the gate of ``score_key="log_density"`` measure the range of the Jacobian term.
+        lets the gate of ``score_key="log_density"`` measure the range of the Jacobian term. With
+        ``warmup="trust"``, a reference whose ``trust`` has not passed is refused (counted in
+        ``calibrations_refused``): a threshold from an untrusted encoder would act on noise.
         """
         if isinstance(reference, Mapping):
             if self.score_key not in reference:
@@ -239,9 +332,13 @@ class _Policy:
             j = reference.get("jepa_score") if "log_prior" in reference else None
         else:
             scores, j = torch.as_tensor(reference), None
-        self.reference_low = reference_quantile(scores, self.quantile)
+        if not self._trusted(trust):
+            self.counts["calibrations_refused"] += 1
+            return
+        low = reference_quantile(scores, self.quantile)
+        self.reference_low = low
         self.reference_median = reference_quantile(scores, 0.5)
-        self.threshold = self.absolute_threshold if self.absolute_threshold is not None else self.reference_low
+        self.threshold = self.absolute_threshold if self.absolute_threshold is not None else low
         if self.batch_anomaly is not None:
             self.anomaly_cutoff = reference_quantile(scores, self.batch_anomaly)
         self.jacobian_range = self.jacobian_center = None
@@ -253,18 +350,28 @@ class _Policy:
                 pad = self.gate_margin * (hi - lo)
                 self.jacobian_range = (lo - pad, hi + pad)
                 self.jacobian_center = float(j.median())
+        self.calibrated_step = int(step)
         self._calibrated()
 
     def _calibrated(self) -> None:
         pass
 
+    def needs_refresh(self, step: int) -> bool:
+        """The calibration is older than ``max_threshold_age`` batches (an absolute threshold without
+        a reference never is)."""
+        if self.max_threshold_age is None or self.calibrated_step is None:
+            return False
+        return step - self.calibrated_step > self.max_threshold_age
+
     # ------------------------------------------------------------------ per batch
     def is_active(self, step: int, trust: Optional[float] = None) -> bool:
-        """Reference (or absolute threshold) known, warm-up over, and ``step`` on the cadence."""
-        if self.threshold is None or not self._ready():
+        """Threshold known and fresh, warm-up over (or trust passed), and ``step`` on the cadence."""
+        if self.threshold is None or not self._ready() or self.needs_refresh(step):
             return False
         if self.warmup == "trust":
-            if trust is None or not trust >= self.trust_threshold:
+            if self.calibrated_step is None and self.absolute_threshold is None:
+                return False
+            if not self._trusted(trust):
                 return False
         elif step < self.warmup:
             return False
@@ -278,24 +385,25 @@ class _Policy:
         raise NotImplementedError
 
     def _rows(self, effective: torch.Tensor) -> tuple:
-        """(keep, weight) from the effective per-row scores."""
+        """(keep, weight, n_capped) from the effective per-row scores."""
         raise NotImplementedError
 
     def decide_batch(
         self,
-        score_fn: Callable[[torch.Tensor], Any],
+        scorer: Any,
         x: torch.Tensor,
         step: int,
         trust: Optional[float] = None,
         *,
-        embed_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        side: Optional[Mapping[str, Any]] = None,
     ) -> Decision:
         """Decide for every row of ``x`` (B, ...).
 
-        ``score_fn(rows) -> SampleScores`` is the exact (expensive) scorer; ``embed_fn(rows) -> (b, K)``
-        the cheap embedding, derived from ``score_fn`` when it is ``partial(score_samples, encoder,
-        ...)``. Without an embedding function every row gets the exact score. ``step`` is the
-        caller's batch counter (warm-up, cadence), ``trust`` the latest trust indicator.
+        ``scorer``: a :class:`~jepa_monitor.scorer.Scorer` (or any object with ``score(rows, **side)
+        -> SampleScores`` and, for the cheap stage, ``embed(rows, **side) -> (b, K)``; a plain
+        callable ``rows -> scores`` is scored exactly, row by row as needed). ``step`` is the
+        caller's batch counter (warm-up, cadence), ``trust`` the latest trust indicator, ``side``
+        the encoder's side inputs for these rows (sliced with them).
         """
         n = x.shape[0]
         device = x.device
@@ -307,7 +415,8 @@ class _Policy:
             return Decision(torch.ones(n, dtype=torch.bool, device=device), torch.ones(n, device=device),
                             scores, 1.0, False)
 
-        embed_fn = embed_fn if embed_fn is not None else cheap_embedder(score_fn)
+        score_fn = scorer.score if hasattr(scorer, "score") else scorer
+        embed_fn = getattr(scorer, "embed", None)
         band_low, band_high = self._band()
         if self.anomaly_cutoff is not None:
             # The batch median is compared with the cutoff: rows on either side of it must be exact too.
@@ -316,7 +425,7 @@ class _Policy:
         if embed_fn is not None and self.score_key != "jepa_score" and (
             self.score_key == "log_prior" or (self.gate and self.jacobian_range is not None)
         ):
-            cheap = gaussian_log_prior(embed_fn(x)).to(device)
+            cheap = gaussian_log_prior(embed_fn(x, **(side or {}))).to(device)
 
         if cheap is None:
             full = torch.ones(n, dtype=torch.bool, device=device)
@@ -332,7 +441,7 @@ class _Policy:
             estimated = int((undecided & ~full).sum())
         rows = full.nonzero().reshape(-1)
         if rows.numel():
-            s = score_fn(x[rows])
+            s = score_fn(x[rows], **_slice_side(side, rows, n))
             scores[rows] = getattr(s, self.score_key).to(device=device, dtype=torch.float32)
             if cheap is not None and self.jacobian_range is not None:
                 j = s.jepa_score.to(device).double()
@@ -348,20 +457,30 @@ class _Policy:
             effective = torch.where(torch.isfinite(cheap), effective, torch.full_like(effective, float("nan")))
 
         nonfinite = int((~torch.isfinite(effective)).sum())
-        keep, weight = self._rows(effective)
+        keep, weight, capped = self._rows(effective)
         batch_weight = 1.0
         if self.anomaly_cutoff is not None and median_below(effective, self.anomaly_cutoff):
             batch_weight = self.anomalous_batch_weight
             self.counts["anomalous_batches"] += 1
         weight = weight * batch_weight
+        gated = n - int(rows.numel()) - estimated if cheap is not None else 0
         self.counts["active_batches"] += 1
         self.counts["rows"] += n
         self.counts["rows_dropped"] += int((~keep).sum())
         self.counts["rows_scored"] += int(rows.numel())
+        self.counts["rows_gated"] += gated
         self.counts["rows_nonfinite"] += nonfinite
         self.counts["rows_estimated"] += estimated
+        self.counts["rows_capped"] += capped
         self.counts["weight_sum"] += float(weight.sum())
-        return Decision(keep, weight, scores, batch_weight, True, int(rows.numel()), nonfinite, estimated)
+        return Decision(keep, weight, scores, batch_weight, True, int(rows.numel()), nonfinite, estimated,
+                        gated, capped)
+
+    def record_not_applied(self, rows: int) -> None:
+        """``rows`` this policy dropped were kept in the batch (it could not be edited): count them
+        as not applied, so ``rows_dropped`` says what training did not see."""
+        self.counts["rows_dropped"] -= rows
+        self.counts["rows_not_applied"] += rows
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> Dict[str, Any]:
@@ -372,6 +491,7 @@ class _Policy:
             "anomaly_cutoff": self.anomaly_cutoff,
             "jacobian_range": self.jacobian_range,
             "jacobian_center": self.jacobian_center,
+            "calibrated_step": self.calibrated_step,
             "counts": dict(self.counts),
         }
 
@@ -382,103 +502,72 @@ class _Policy:
         self.anomaly_cutoff = state["anomaly_cutoff"]
         self.jacobian_range = None if state["jacobian_range"] is None else tuple(state["jacobian_range"])
         self.jacobian_center = state["jacobian_center"]
-        self.counts = dict(state["counts"])
+        self.calibrated_step = state.get("calibrated_step")
+        self.counts = {**dict.fromkeys(COUNT_KEYS, 0), **state["counts"]}
         self._calibrated()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(quantile={self.quantile}, score_key={self.score_key!r}, threshold={self.threshold})"
 
 
-class Drop(_Policy):
+class Drop(ThresholdPolicy):
     """Drop rows whose score is below the threshold.
 
     Args:
         quantile: the threshold is this quantile of the held-out reference scores.
-        threshold: an absolute threshold (nats) instead; the reference still calibrates the gate.
-        min_keep: the fewest rows a batch keeps (the highest-scoring ones), at least 1.
-        warmup: no action before this many training batches, or ``"trust"``: no action while the
-            latest trust indicator is below ``trust_threshold`` (default
-            :data:`jepa_monitor.diagnostics.TRUST_THRESHOLD`), checked at every batch.
-        score_key: "log_density" (default), "jepa_score" or "log_prior" (no Jacobian at all).
-        every_n_steps: act on every n-th batch only (the others pass untouched).
-        batch_anomaly, anomalous_batch_weight: the noisy-batch rule of the module docstring.
-        gate, gate_margin, gate_budget: the two-stage gate of the module docstring (``gate=False``:
-            exact score for every row; ``gate_budget``: at most this many Jacobian rows per batch).
+        min_keep: the fewest rows a batch keeps (the highest-scoring ones), at least 1. The default 2
+            keeps a BatchNorm layer in the training step working (one row raises in train mode).
+        max_drop_fraction: never drop more than this fraction of a batch (rounded down); the
+            highest-scoring rows below the threshold are kept first. 1.0 lifts the cap.
+        **options: the shared options of :class:`ThresholdPolicy` (``threshold``, ``warmup``,
+            ``trust_threshold``, ``score_key``, ``every_n_steps``, ``max_threshold_age``,
+            ``batch_anomaly``, ``anomalous_batch_weight``, ``gate``, ``gate_margin``,
+            ``gate_budget``, ``weight_key``).
     """
 
     mode = "drop"
 
-    def __init__(
-        self,
-        quantile: float = 0.05,
-        *,
-        threshold: Optional[float] = None,
-        min_keep: int = 1,
-        warmup: Union[int, str] = 0,
-        trust_threshold: Optional[float] = None,
-        score_key: str = "log_density",
-        every_n_steps: int = 1,
-        batch_anomaly: Optional[float] = None,
-        anomalous_batch_weight: float = 0.0,
-        gate: bool = True,
-        gate_margin: float = 0.1,
-        gate_budget: Optional[int] = 16,
-    ) -> None:
+    def __init__(self, quantile: float = 0.05, *, min_keep: int = 2, max_drop_fraction: float = 0.5,
+                 **options: Any) -> None:
         if not (isinstance(min_keep, int) and min_keep >= 1):
             raise ValueError(f"min_keep={min_keep!r} must be an integer >= 1: a training batch is never emptied.")
-        super().__init__(quantile=quantile, threshold=threshold, warmup=warmup, trust_threshold=trust_threshold,
-                         score_key=score_key, every_n_steps=every_n_steps, batch_anomaly=batch_anomaly,
-                         anomalous_batch_weight=anomalous_batch_weight, gate=gate, gate_margin=gate_margin,
-                         gate_budget=gate_budget)
+        if not 0.0 < max_drop_fraction <= 1.0:
+            raise ValueError(f"max_drop_fraction={max_drop_fraction!r} must be in (0, 1].")
+        super().__init__(quantile, **options)
         self.min_keep = min_keep
+        self.max_drop_fraction = float(max_drop_fraction)
 
     def _band(self) -> tuple:
         return self.threshold, self.threshold
 
     def _rows(self, effective: torch.Tensor) -> tuple:
-        keep = drop_mask(effective, self.threshold, self.min_keep)
-        return keep, keep.to(torch.float32)
+        n = effective.numel()
+        floor = max(self.min_keep, n - int(self.max_drop_fraction * n))
+        uncapped = int((torch.isfinite(effective) & (effective >= self.threshold)).sum())
+        keep = drop_mask(effective, self.threshold, floor)
+        return keep, keep.to(torch.float32), max(0, min(floor, n) - uncapped)
 
 
-class Reweight(_Policy):
+class Reweight(ThresholdPolicy):
     """Weight every row by :func:`soft_weights` of its score; rows are never removed.
 
     The weight is ½ at the threshold, 0 at or below ``threshold - scale`` and 1 at or above
     ``threshold + scale``, with ``scale = temperature · (median - quantile)`` of the reference
     scores: with the default 0.5, rows at the typical (median) held-out density weigh exactly 1.
 
-    Args: as :class:`Drop` (no ``min_keep``), plus
+    Args:
+        quantile: the threshold is this quantile of the held-out reference scores.
         temperature: width of the transition, in units of the reference's median-to-quantile gap.
-        weight_key: the batch key the weights are written under (dict batches).
+        **options: the shared options of :class:`ThresholdPolicy`.
     """
 
     mode = "reweight"
 
-    def __init__(
-        self,
-        quantile: float = 0.05,
-        *,
-        temperature: float = 0.5,
-        threshold: Optional[float] = None,
-        warmup: Union[int, str] = 0,
-        trust_threshold: Optional[float] = None,
-        score_key: str = "log_density",
-        weight_key: str = "sample_weight",
-        every_n_steps: int = 1,
-        batch_anomaly: Optional[float] = None,
-        anomalous_batch_weight: float = 0.0,
-        gate: bool = True,
-        gate_margin: float = 0.1,
-        gate_budget: Optional[int] = 16,
-    ) -> None:
+    def __init__(self, quantile: float = 0.05, *, temperature: float = 0.5, **options: Any) -> None:
         if not temperature >= 0:
             raise ValueError(f"temperature={temperature!r} must be >= 0 (0: a hard step, as Drop without dropping).")
-        super().__init__(quantile=quantile, threshold=threshold, warmup=warmup, trust_threshold=trust_threshold,
-                         score_key=score_key, every_n_steps=every_n_steps, batch_anomaly=batch_anomaly,
-                         anomalous_batch_weight=anomalous_batch_weight, gate=gate, gate_margin=gate_margin,
-                         gate_budget=gate_budget)
+        super().__init__(quantile, **options)
         self.temperature = float(temperature)
-        self.weight_key = weight_key
         self.scale: Optional[float] = None
 
     def _calibrated(self) -> None:
@@ -494,4 +583,4 @@ class Reweight(_Policy):
 
     def _rows(self, effective: torch.Tensor) -> tuple:
         weight = soft_weights(effective, self.threshold, self.scale)
-        return torch.ones_like(weight, dtype=torch.bool), weight
+        return torch.ones_like(weight, dtype=torch.bool), weight, 0

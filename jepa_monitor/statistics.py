@@ -83,3 +83,42 @@ def summarize(x: torch.Tensor) -> Dict[str, torch.Tensor]:
         out[key] = q
     out["nonfinite"] = torch.tensor(float(raw.numel() - v.numel()), dtype=torch.float64)
     return out
+
+
+def rankdata(x: torch.Tensor) -> torch.Tensor:
+    """Ranks 1..N of a 1-D tensor, ties sharing their average rank (scipy's "average"), float64."""
+    sorted_x, order = x.sort()
+    _, inverse, counts = torch.unique_consecutive(sorted_x, return_inverse=True, return_counts=True)
+    counts = counts.to(torch.float64)
+    average = counts.cumsum(0) - (counts - 1) / 2
+    ranks = torch.empty(x.numel(), dtype=torch.float64, device=x.device)
+    ranks[order] = average[inverse]
+    return ranks
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor, *, nan_policy: str = "propagate") -> torch.Tensor:
+    """Spearman rank correlation of two 1-D tensors of equal length, 0-dim float64 tensor.
+
+    ``nan_policy``: "propagate" returns NaN when either input has a NaN (as scipy does), "omit"
+    drops the pairs with a NaN. A constant input (or fewer than 2 pairs) gives NaN.
+    """
+    if a.ndim != 1 or a.shape != b.shape:
+        raise ValueError(f"spearman needs two 1-D tensors of equal length; got {tuple(a.shape)} and {tuple(b.shape)}.")
+    if nan_policy not in ("propagate", "omit"):
+        raise ValueError(f"nan_policy must be 'propagate' or 'omit'; got {nan_policy!r}.")
+    b = b.to(a.device)
+    nan = torch.isnan(a) | torch.isnan(b)
+    if bool(nan.any()):
+        if nan_policy == "propagate":
+            return torch.tensor(float("nan"), dtype=torch.float64)
+        a, b = a[~nan], b[~nan]
+    if a.numel() < 2:
+        return torch.tensor(float("nan"), dtype=torch.float64)
+    ra = rankdata(a)
+    rb = rankdata(b)
+    ra = ra - ra.mean()
+    rb = rb - rb.mean()
+    denom = (ra.pow(2).sum() * rb.pow(2).sum()).sqrt()
+    if float(denom) == 0.0:
+        return torch.tensor(float("nan"), dtype=torch.float64)
+    return (ra * rb).sum() / denom

@@ -24,16 +24,16 @@ acts on the singular values of J, which W changes non-uniformly.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Tuple
 
 import torch
 from torch import nn
 
-from .baselines import ledoit_wolf_shrinkage
+from .gaussian import HALF_LOG_2PI, Shrinkage, fit_gaussian
 from .outputs import OutputSelector, Pooling, embed
-from .scoring import HALF_LOG_2PI, SampleScores
 
-Shrinkage = Union[str, float]
+if TYPE_CHECKING:
+    from .scores import SampleScores
 
 
 class Whitening:
@@ -80,25 +80,9 @@ class Whitening:
             raise ValueError("reference_embeddings must be a (N, K) tensor; pool token outputs first.")
         z = z.detach().to(torch.float64)
         z = z[torch.isfinite(z).all(dim=1)]
-        n, k = z.shape
-        if n < 2:
-            raise ValueError(f"Whitening.fit needs at least 2 finite reference rows; got {n}.")
-        mean = z.mean(0)
-        centred = z - mean
-        cov = centred.T @ centred / n
-        scale = cov.trace() / k
-        if not scale > 0:
-            raise ValueError(
-                "the reference embeddings are all identical: the encoder has collapsed and there is "
-                "no covariance to whiten with."
-            )
-        if shrinkage == "auto":
-            alpha = ledoit_wolf_shrinkage(centred)
-        elif isinstance(shrinkage, (int, float)) and 0.0 <= shrinkage <= 1.0:
-            alpha = float(shrinkage)
-        else:
-            raise ValueError(f"shrinkage must be 'auto' or a number in [0, 1]; got {shrinkage!r}.")
-        cov = (1.0 - alpha) * cov + alpha * scale * torch.eye(k, dtype=torch.float64, device=cov.device)
+        if z.shape[0] < 2:
+            raise ValueError(f"Whitening.fit needs at least 2 finite reference rows; got {z.shape[0]}.")
+        mean, cov, alpha = fit_gaussian(z, shrinkage)
         return cls(mean, cov, alpha)
 
     @property
@@ -112,7 +96,8 @@ class Whitening:
 
     def transform(self, z: torch.Tensor) -> torch.Tensor:
         """W(z - μ), float64 (B, K)."""
-        return self._check(z) @ self.matrix
+        self._check(z)
+        return whiten(z.to(dtype=torch.float64, device=self.mean.device), self)
 
     def mahalanobis(self, z: torch.Tensor) -> torch.Tensor:
         """Squared Mahalanobis distance (z - μ)ᵀΣ⁻¹(z - μ), float64 (B,)."""
@@ -135,6 +120,12 @@ class Whitening:
         return cls(state["mean"], state["covariance"], state["shrinkage"])
 
 
+def whiten(z: torch.Tensor, whitening: Whitening) -> torch.Tensor:
+    """W(z - μ) in z's dtype and device, differentiable in z: the one place the transform is applied
+    to embeddings that are scored (the exact Jacobian stage and the cheap embedding stage alike)."""
+    return (z - whitening.mean.to(z)) @ whitening.matrix.to(z)
+
+
 class WhitenedEncoder(nn.Module):
     """``x -> W(f(x) - μ)``: the encoder followed by the whitening, to score with
     :func:`jepa_monitor.score_samples` (exact for any K and D, the only way when K > D).
@@ -155,16 +146,14 @@ class WhitenedEncoder(nn.Module):
         self.encoder = encoder
         self.output = output
         self.pool = pool
-        self.register_buffer("mean", whitening.mean.clone())
-        self.register_buffer("matrix", whitening.matrix.clone())
+        self.whitening = whitening
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = embed(self.encoder(x), self.output, self.pool, x.shape[0])
-        return (z - self.mean.to(z)) @ self.matrix.to(z)
+        return whiten(embed(self.encoder(x), self.output, self.pool, x.shape[0]), self.whitening)
 
 
 def whitened_components(
-    scores: SampleScores, whitening: Whitening
+    scores: "SampleScores", whitening: Whitening
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(jepa_score_w, log_prior_w, log_density_w), float32 (B,) each, from an isotropic scoring pass.
 

@@ -12,7 +12,8 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from jepa_monitor import score_samples
-from jepa_monitor.approx import CalibrationReport, calibrate, slq_chunk
+from jepa_monitor.approx import slq_chunk
+from jepa_monitor.evaluation import CalibrationReport, calibrate
 from jepa_monitor.jacobian import NotDifferentiableError
 
 

@@ -9,13 +9,13 @@ from scipy.stats import multivariate_normal
 from sklearn.covariance import ledoit_wolf
 from sklearn.neighbors import NearestNeighbors
 
+from jepa_monitor.gaussian import ledoit_wolf_shrinkage
 from jepa_monitor.baselines import (
     GaussianPriorScore,
     KNNScore,
     MahalanobisScore,
     gaussian_prior_score,
     knn_score,
-    ledoit_wolf_shrinkage,
     mahalanobis_fit,
     mahalanobis_score,
 )

@@ -10,8 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from jepa_monitor import gaussian_log_prior, score_samples
-from jepa_monitor.embedding import cheap_embedder, embed_only
+from jepa_monitor import Scorer, gaussian_log_prior, score_samples
 from jepa_monitor.policies import (
     Drop,
     Reweight,
@@ -94,7 +93,7 @@ def test_undecided_rows_and_median_below():
 
 # ---------------------------------------------------------------------------------- Drop
 def test_threshold_comes_from_the_reference_not_the_batch():
-    policy = Drop(quantile=0.05)
+    policy = Drop(warmup=0, quantile=0.05, min_keep=1, max_drop_fraction=1.0)
     policy.calibrate(torch.arange(100, dtype=torch.float32))
     assert policy.threshold == pytest.approx(4.95)
     clean = policy.decide_batch(table_scorer(), rows(range(100)), step=0)
@@ -107,7 +106,7 @@ def test_threshold_comes_from_the_reference_not_the_batch():
 
 
 def test_mapping_reference_and_absolute_threshold():
-    policy = Drop(threshold=10.0)
+    policy = Drop(warmup=0, threshold=10.0)
     assert policy.is_active(step=0)  # an absolute threshold needs no reference
     policy.calibrate({"log_density": torch.arange(100.0), "jepa_score": torch.zeros(100), "log_prior": torch.arange(100.0)})
     assert policy.threshold == 10.0 and policy.reference_low == pytest.approx(4.95)
@@ -119,7 +118,7 @@ def test_mapping_reference_and_absolute_threshold():
 
 def test_inactive_without_reference_before_warmup_and_off_cadence():
     calls = []
-    assert not Drop().decide_batch(table_scorer(calls), rows([-100.0]), step=0).active
+    assert not Drop(warmup=0).decide_batch(table_scorer(calls), rows([-100.0]), step=0).active
     policy = Drop(warmup=3, every_n_steps=2)
     policy.calibrate(torch.arange(100.0))
     active = [policy.decide_batch(table_scorer(calls), rows([-100.0, 50.0]), step=s).active for s in range(7)]
@@ -134,7 +133,13 @@ def test_trust_warmup():
 
     policy = Drop(warmup="trust")
     assert policy.trust_threshold == TRUST_THRESHOLD
-    policy.calibrate(torch.arange(100.0))
+    # A reference from an encoder that cannot be read as a density is refused, not used.
+    for untrusted in (None, NAN, TRUST_THRESHOLD - 0.01):
+        policy.calibrate(torch.arange(100.0), step=0, trust=untrusted)
+    assert policy.threshold is None and policy.counts["calibrations_refused"] == 3
+    assert not policy.is_active(10, trust=TRUST_THRESHOLD)
+    policy.calibrate(torch.arange(100.0), step=0, trust=TRUST_THRESHOLD)
+    assert policy.threshold == pytest.approx(4.95)
     assert not policy.is_active(10, trust=None)
     assert not policy.is_active(10, trust=TRUST_THRESHOLD - 0.01)
     assert not policy.is_active(10, trust=NAN)
@@ -143,18 +148,18 @@ def test_trust_warmup():
 
 
 def test_nonfinite_rows_are_dropped_and_counted():
-    policy = Drop(quantile=0.05)
+    policy = Drop(warmup=0, quantile=0.05)
     policy.calibrate(torch.arange(100.0))
     d = policy.decide_batch(table_scorer(), rows([50.0, NAN, INF, 60.0]), step=0)
     assert d.keep.tolist() == [True, False, False, True]
     assert d.n_nonfinite == 2 and policy.counts["rows_nonfinite"] == 2
-    w = Reweight()
+    w = Reweight(warmup=0)
     w.calibrate(torch.arange(100.0))
     assert w.decide_batch(table_scorer(), rows([NAN, -INF]), step=0).weight.tolist() == [0.0, 0.0]
 
 
 def test_noisy_batch_rule():
-    policy = Drop(quantile=0.05, batch_anomaly=0.2, anomalous_batch_weight=0.25)
+    policy = Drop(warmup=0, quantile=0.05, batch_anomaly=0.2, anomalous_batch_weight=0.25)
     policy.calibrate(torch.arange(101.0))  # 0.2-quantile = 20
     normal = policy.decide_batch(table_scorer(), rows([10.0, 30.0, 60.0]), step=0)
     assert normal.batch_weight == 1.0
@@ -165,7 +170,7 @@ def test_noisy_batch_rule():
 
 # ---------------------------------------------------------------------------------- Reweight
 def test_reweight_scale_from_reference_spread():
-    policy = Reweight(quantile=0.05, temperature=0.5)
+    policy = Reweight(warmup=0, quantile=0.05, temperature=0.5)
     policy.calibrate(torch.arange(101.0))  # q05 = 5, median = 50
     assert policy.scale == pytest.approx(22.5)
     d = policy.decide_batch(table_scorer(), rows([5.0, 27.5, 50.0, -17.5, 16.25]), step=0)
@@ -203,11 +208,11 @@ def _reference_and_batch():
 @pytest.mark.parametrize("policy_type", [Drop, Reweight])
 def test_gate_gives_the_exact_decision_with_fewer_jacobians(policy_type):
     enc = _encoder()
-    score_fn = functools.partial(score_samples, enc)
+    score_fn = Scorer(enc)
     ref, x = _reference_and_batch()
     s = score_fn(ref)
     reference = {"jepa_score": s.jepa_score, "log_prior": s.log_prior, "log_density": s.log_density}
-    gated, exact = policy_type(gate_budget=None), policy_type(gate=False)
+    gated, exact = policy_type(warmup=0, gate_budget=None), policy_type(warmup=0, gate=False)
     gated.calibrate(reference)
     exact.calibrate(reference)
     dg = gated.decide_batch(score_fn, x, step=0)
@@ -225,11 +230,11 @@ def test_gate_gives_the_exact_decision_with_fewer_jacobians(policy_type):
 
 def test_gate_budget_caps_the_jacobian_rows():
     enc = _encoder()
-    score_fn = functools.partial(score_samples, enc)
+    score_fn = Scorer(enc)
     ref, x = _reference_and_batch()
     s = score_fn(ref)
     reference = {"jepa_score": s.jepa_score, "log_prior": s.log_prior, "log_density": s.log_density}
-    unlimited, capped = Drop(gate_budget=None), Drop(gate_budget=5)
+    unlimited, capped = Drop(warmup=0, gate_budget=None), Drop(warmup=0, gate_budget=5)
     unlimited.calibrate(reference)
     capped.calibrate(reference)
     du, dc = unlimited.decide_batch(score_fn, x, 0), capped.decide_batch(score_fn, x, 0)
@@ -248,11 +253,11 @@ def test_small_reference_disables_the_gate():
     from jepa_monitor.policies import GATE_MIN_REFERENCE
 
     enc = _encoder()
-    score_fn = functools.partial(score_samples, enc)
+    score_fn = Scorer(enc)
     ref, x = _reference_and_batch()
     for n, gated in [(GATE_MIN_REFERENCE - 1, False), (GATE_MIN_REFERENCE, True)]:
         s = score_fn(ref[:n])
-        policy = Drop()
+        policy = Drop(warmup=0)
         policy.calibrate({"jepa_score": s.jepa_score, "log_prior": s.log_prior, "log_density": s.log_density})
         assert (policy.jacobian_range is not None) == gated
         assert (policy.decide_batch(score_fn, x, 0).n_scored < x.shape[0]) == gated
@@ -260,10 +265,10 @@ def test_small_reference_disables_the_gate():
 
 def test_gate_counts_rows_outside_the_reference_jacobian_range():
     enc = _encoder()
-    score_fn = functools.partial(score_samples, enc)
+    score_fn = Scorer(enc)
     ref, x = _reference_and_batch()
     s = score_fn(ref)
-    policy = Drop(gate_margin=0.0)
+    policy = Drop(warmup=0, gate_margin=0.0)
     # A reference whose Jacobian term reads 3 nats low: rows above its range get scored and counted.
     policy.calibrate({"jepa_score": s.jepa_score - 3.0, "log_prior": s.log_prior, "log_density": s.log_density})
     d = policy.decide_batch(score_fn, x, step=0)
@@ -285,28 +290,28 @@ def test_log_prior_needs_no_jacobian_and_jepa_score_cannot_be_gated():
     ref, x = _reference_and_batch()
     s = score_samples(enc, ref)
     reference = {"jepa_score": s.jepa_score, "log_prior": s.log_prior, "log_density": s.log_density}
-    prior = Drop(score_key="log_prior")
+    prior = Drop(warmup=0, score_key="log_prior")
     prior.calibrate(reference)
-    d = prior.decide_batch(score_fn, x, 0, embed_fn=functools.partial(embed_only, enc))
+    d = prior.decide_batch(SimpleNamespace(score=score_fn, embed=Scorer(enc).embed), x, 0)
     assert calls == [] and d.n_scored == 0
     expected = gaussian_log_prior(enc(x).detach())
     torch.testing.assert_close(d.scores, expected)
     assert torch.equal(d.keep, drop_mask(expected, prior.threshold))
 
-    raw = Drop(score_key="jepa_score")
+    raw = Drop(warmup=0, score_key="jepa_score")
     raw.calibrate(reference)
-    assert raw.decide_batch(functools.partial(score_samples, enc), x, 0).n_scored == 96
+    assert raw.decide_batch(Scorer(enc), x, 0).n_scored == 96
 
 
 def test_state_dict_round_trip_reproduces_decisions():
     enc = _encoder()
-    score_fn = functools.partial(score_samples, enc)
+    score_fn = Scorer(enc)
     ref, x = _reference_and_batch()
     s = score_fn(ref)
-    a = Reweight(batch_anomaly=0.01)
+    a = Reweight(warmup=0, batch_anomaly=0.01)
     a.calibrate({"jepa_score": s.jepa_score, "log_prior": s.log_prior, "log_density": s.log_density})
     a.decide_batch(score_fn, x[:50], 0)
-    b = Reweight(batch_anomaly=0.01)
+    b = Reweight(warmup=0, batch_anomaly=0.01)
     b.load_state_dict(a.state_dict())
     assert b.state_dict() == a.state_dict()
     da, db = a.decide_batch(score_fn, x[50:], 1), b.decide_batch(score_fn, x[50:], 1)
@@ -317,15 +322,15 @@ def test_state_dict_round_trip_reproduces_decisions():
 @pytest.mark.parametrize(
     "make, match",
     [
-        (lambda: Drop(quantile=0.0), "quantile"),
-        (lambda: Drop(score_key="density"), "score_key"),
+        (lambda: Drop(warmup=0, quantile=0.0), "quantile"),
+        (lambda: Drop(warmup=0, score_key="density"), "score_key"),
         (lambda: Drop(warmup=-1), "warmup"),
         (lambda: Drop(warmup="later"), "warmup"),
-        (lambda: Drop(min_keep=0), "min_keep"),
-        (lambda: Drop(every_n_steps=0), "every_n_steps"),
-        (lambda: Drop(batch_anomaly=0.7), "batch_anomaly"),
-        (lambda: Drop(gate_budget=-1), "gate_budget"),
-        (lambda: Reweight(temperature=-1.0), "temperature"),
+        (lambda: Drop(warmup=0, min_keep=0), "min_keep"),
+        (lambda: Drop(warmup=0, every_n_steps=0), "every_n_steps"),
+        (lambda: Drop(warmup=0, batch_anomaly=0.7), "batch_anomaly"),
+        (lambda: Drop(warmup=0, gate_budget=-1), "gate_budget"),
+        (lambda: Reweight(warmup=0, temperature=-1.0), "temperature"),
     ],
 )
 def test_bad_arguments_name_the_culprit(make, match):
@@ -333,33 +338,83 @@ def test_bad_arguments_name_the_culprit(make, match):
         make()
 
 
-# ---------------------------------------------------------------------------------- embedding
-def test_embed_only_matches_scoring_and_restores_modes():
+# ---------------------------------------------------------------------------------- safe defaults
+def test_drop_defaults_keep_two_rows_and_at_least_half_the_batch():
+    policy = Drop(warmup=0)
+    assert (policy.min_keep, policy.max_drop_fraction, policy.warmup) == (2, 0.5, 0)
+    assert Drop().warmup == "trust" and Reweight().warmup == "trust"
+    policy.calibrate(torch.arange(100.0))  # threshold 4.95
+    # Every row below the threshold: the cap keeps the best half, highest scores first.
+    junk = policy.decide_batch(table_scorer(), rows([-9.0, 1.0, 4.0, -3.0, 0.0, -1.0]), step=0)
+    assert junk.keep.tolist() == [False, True, True, False, True, False]
+    assert junk.n_capped == 3 and policy.counts["rows_capped"] == 3
+    # Two rows in the batch: never cut to one (a BatchNorm head raises on a single row).
+    assert policy.decide_batch(table_scorer(), rows([-9.0, -8.0]), step=1).keep.all()
+    # Clean rows: the cap does not act.
+    clean = policy.decide_batch(table_scorer(), rows([50.0, 1.0, 60.0, 70.0]), step=2)
+    assert clean.keep.tolist() == [True, False, True, True] and clean.n_capped == 0
+    with pytest.raises(ValueError, match="max_drop_fraction"):
+        Drop(max_drop_fraction=0.0)
+
+
+def test_stale_threshold_needs_refresh_and_does_not_act():
+    policy = Drop(warmup=0, max_threshold_age=100)
+    policy.calibrate(torch.arange(100.0), step=50)
+    assert policy.is_active(150) and not policy.needs_refresh(150)
+    assert policy.needs_refresh(151) and not policy.is_active(151)
+    d = policy.decide_batch(table_scorer(), rows([-9.0, 50.0]), step=151)
+    assert not d.active and d.keep.all()
+    policy.calibrate(torch.arange(100.0), step=151)
+    assert policy.is_active(151)
+    assert not Drop(warmup=0, max_threshold_age=None).needs_refresh(10**9)
+
+
+def test_policy_protocol_and_not_applied_rows():
+    from jepa_monitor.policies import Policy
+
+    assert isinstance(Drop(), Policy) and isinstance(Reweight(), Policy)
+    policy = Drop(warmup=0, max_drop_fraction=1.0)
+    policy.calibrate(torch.arange(100.0))
+    policy.decide_batch(table_scorer(), rows([-9.0, 50.0, 60.0]), step=0)
+    assert policy.counts["rows_dropped"] == 1
+    policy.record_not_applied(1)
+    assert policy.counts["rows_dropped"] == 0 and policy.counts["rows_not_applied"] == 1
+
+
+def test_gate_counts_rows_decided_from_the_embedding():
+    enc = _encoder()
+    scorer = Scorer(enc)
+    ref, x = _reference_and_batch()
+    s = scorer(ref)
+    policy = Drop(warmup=0, gate_budget=5)
+    policy.calibrate(s.components())
+    d = policy.decide_batch(scorer, x, 0)
+    assert d.n_gated + d.n_scored + d.n_estimated == x.shape[0] and d.n_gated > 0
+    assert policy.counts["rows_gated"] == d.n_gated
+
+
+# ---------------------------------------------------------------------------------- the embedding
+def test_embed_matches_scoring_and_restores_modes():
     torch.manual_seed(0)
     enc = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 3))
     enc.train()
     x = torch.randn(10, 6, generator=torch.Generator().manual_seed(2))
     rng = torch.get_rng_state()
-    z = embed_only(enc, x)
+    z = Scorer(enc).embed(x)
     assert enc.training and all(m.training for m in enc.modules())
     assert torch.equal(torch.get_rng_state(), rng)
     torch.testing.assert_close(z, score_samples(enc, x).embedding)
     assert not z.requires_grad
 
-    embed_fn = cheap_embedder(functools.partial(score_samples, enc, pool="mean"))
-    torch.testing.assert_close(embed_fn(x), z)
-    assert cheap_embedder(lambda v: score_samples(enc, v)) is None
 
-
-def test_cheap_embedder_matches_the_whitened_scores():
+def test_embed_matches_the_whitened_scores():
     from jepa_monitor.whitening import Whitening
 
     torch.manual_seed(0)
     enc = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
     g = torch.Generator().manual_seed(3)
-    w = Whitening.fit(embed_only(enc, torch.randn(200, 6, generator=g)))
+    w = Whitening.fit(Scorer(enc).embed(torch.randn(200, 6, generator=g)))
     x = torch.randn(10, 6, generator=g)
-    score_fn = functools.partial(score_samples, enc, whitening=w)
-    # the cheap stage's prior must be the prior that score_samples reports, or the gate decides wrongly
-    torch.testing.assert_close(gaussian_log_prior(cheap_embedder(score_fn)(x)), score_fn(x).log_prior,
-                               rtol=1e-4, atol=1e-4)
+    scorer = Scorer(enc, whitening=w)
+    # the cheap stage's prior must be the prior that the score reports, or the gate decides wrongly
+    torch.testing.assert_close(gaussian_log_prior(scorer.embed(x)), scorer(x).log_prior, rtol=1e-4, atol=1e-4)

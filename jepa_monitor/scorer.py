@@ -1,0 +1,239 @@
+"""The Scorer: one encoder and every option of how it is read, scoring samples exactly or fast.
+
+Everything that differentiates the encoder goes through :class:`Scorer`: the public functions of
+:mod:`jepa_monitor.scoring`, the curation policies, the monitor callback and the CLI. Its two
+operations are :meth:`Scorer.score` (the Jacobian: one forward plus K input-VJPs per sample) and
+:meth:`Scorer.embed` (one gradient-free forward pass: the embedding, whose Gaussian prior term is the
+cheap part of ``log_density``). Both read the encoder's output the same way (output selection,
+token pooling, optional whitening), so the cheap stage of curation can never disagree with the
+exact one about what the embedding is.
+
+Side inputs (a text encoder's ``attention_mask``) are keyword tensors of :meth:`Scorer.score`: rows
+are sliced with every micro-batch, passed to ``encoder(x, **side)``, and the mask under
+``mask_key`` excludes padding from ``pool="mean"``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any, Callable, Dict, Optional
+
+import torch
+from torch import nn
+
+from ._guards import scoring_context
+from .approx import slq_chunk
+from .gaussian import log_prior64
+from .jacobian import differentiation_point, embedding_and_jacobian
+from .logdet import PAPER_ABS_FLOOR, gram, half_logdet
+from .outputs import OutputSelector, Pooling, embed
+from .progress import progress_bar
+from .scores import SampleScores
+from .whitening import Whitening, whiten
+
+METHODS = ("exact", "slq")
+DEFAULT_MEMORY_BUDGET = 256 * 2**20
+
+
+def _slice_side(side: Dict[str, Any], n: int, start: int, stop: int) -> Dict[str, Any]:
+    """Rows [start, stop) of every per-sample side input (first dimension n); the rest as is."""
+    return {k: (v[start:stop] if isinstance(v, torch.Tensor) and v.ndim >= 1 and v.shape[0] == n else v)
+            for k, v in side.items()}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Scorer:
+    """An encoder with every option of how its density score is taken.
+
+    Args:
+        encoder: an ``nn.Module`` or any callable from a batch tensor (plus side-input keywords) to
+            embeddings. Modules are scored in eval mode and every submodule's ``.training`` flag is
+            restored afterwards.
+        output: which part of a dict/tuple output is the embedding (key, index or callable).
+        pool: for (B, T, K) token outputs: "mean" (masked by the side input ``mask_key`` when it is
+            given), "first" (CLS), "flatten" or a callable.
+        input_module: differentiate with respect to this submodule's output instead of ``x``
+            (e.g. the token embedding of a language model, so integer ids can be scored).
+        whitening: a :class:`~jepa_monitor.whitening.Whitening` fitted on reference embeddings:
+            score ``W(f(x) - μ)`` instead of f(x) (see :mod:`jepa_monitor.whitening`).
+        method: "exact" (K input-VJPs per sample) or "slq" (stochastic Lanczos quadrature; see
+            :mod:`jepa_monitor.approx` for when it ranks well).
+        paper: reproduce the paper's listing: singular values clipped at an absolute 1e-6.
+        rel_floor: otherwise, singular values below ``rel_floor·σ_max`` are raised to it and
+            counted in ``n_floored``.
+        batch_size: micro-batch size; by default chosen so one micro-batch's Jacobian fits in
+            ``memory_budget`` bytes. Out of memory halves it and retries.
+        memory_budget: bytes one micro-batch's Jacobian may take.
+        vectorize: Jacobian rows per batched backward pass; None loops over rows.
+        approx_options: keyword options of the approximate method.
+        mask_key: the side input that marks real (1) and padding (0) tokens for ``pool="mean"``.
+        progress: show a progress bar (rows, rows/s) while scoring.
+    """
+
+    encoder: Callable[..., Any]
+    output: OutputSelector = None
+    pool: Pooling = "mean"
+    input_module: Optional[nn.Module] = None
+    whitening: Optional[Whitening] = None
+    method: str = "exact"
+    paper: bool = False
+    rel_floor: float = 1e-6
+    batch_size: Optional[int] = None
+    memory_budget: int = DEFAULT_MEMORY_BUDGET
+    vectorize: Optional[int] = None
+    approx_options: Optional[dict] = None
+    mask_key: str = "attention_mask"
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if not callable(self.encoder):
+            raise TypeError(f"encoder must be callable (an nn.Module or a function); got {type(self.encoder).__name__}.")
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r} is not one of {METHODS}.")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1; got {self.batch_size}.")
+
+    def replace(self, **changes: Any) -> "Scorer":
+        """A copy with some options changed, e.g. ``scorer.replace(whitening=w)``."""
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ the embedding
+    def _embedding(self, x: torch.Tensor, side: Dict[str, Any]) -> torch.Tensor:
+        """(B, K) embedding of ``x`` as scored: output selected, tokens pooled, whitened."""
+        raw = self.encoder(x, **side)
+        mask = side.get(self.mask_key) if self.pool == "mean" else None
+        z = embed(raw, self.output, self.pool, x.shape[0], mask=mask)
+        if self.whitening is not None:
+            z = whiten(z, self.whitening)
+        return z
+
+    def embed(self, x: torch.Tensor, **side: Any) -> torch.Tensor:
+        """f(x), detached (B, K) in the encoder's dtype, from one gradient-free forward pass under the same guards
+        as scoring (a train-mode BatchNorm or dropout would give an embedding the Jacobian stage,
+        which runs in eval mode, does not see)."""
+        _check_input(x, input_module=self.input_module, need_float=False)
+        with scoring_context(self.encoder, x.device), torch.no_grad():
+            return self._embedding(x, side).detach()
+
+    # ------------------------------------------------------------------ the score
+    def score(self, x: torch.Tensor, **side: Any) -> SampleScores:
+        """Score every sample of ``x`` (B, ...), all components at once.
+
+        ``x``: images, token sequences of vectors, or tabular rows; floating point unless
+        ``input_module`` is given. Each sample is flattened to D features. ``side``: keyword
+        tensors passed on to the encoder (e.g. ``attention_mask=``), sliced with every micro-batch.
+        """
+        x = _check_input(x, input_module=self.input_module, need_float=True)
+        if side and self.method != "exact":
+            raise ValueError(f"side inputs ({sorted(side)}) are supported by method='exact' only.")
+        n, device = x.shape[0], x.device
+        if n == 0:
+            empty = torch.empty(0, dtype=torch.float32, device=device)
+            return SampleScores(empty, empty, empty, empty.long(),
+                                torch.empty(0, 0, dtype=torch.float32, device=device), 0, self.method)
+        zs, ss, fs = [], [], []
+        d_dim = 0
+        bar = progress_bar(n, "jepa-monitor scoring") if self.progress else None
+        try:
+            with scoring_context(self.encoder, device):
+                start, chunk = 0, self.batch_size
+                while start < n:
+                    if chunk is None:
+                        chunk = self._first_micro_batch(x, side)
+                    stop = min(start + chunk, n)
+                    try:
+                        z, s, floored, d_dim = self._chunk(x[start:stop], _slice_side(side, n, start, stop))
+                    except torch.OutOfMemoryError:
+                        if stop - start == 1:
+                            raise
+                        chunk = max(1, (stop - start) // 2)
+                        warnings.warn(f"out of memory while scoring; retrying with micro-batch {chunk}", stacklevel=2)
+                        if device.type == "cuda":
+                            torch.cuda.empty_cache()
+                        continue
+                    zs.append(z)
+                    ss.append(s)
+                    fs.append(floored)
+                    if bar is not None:
+                        bar.update(stop - start)
+                    start = stop
+        finally:
+            if bar is not None:
+                bar.close()
+        # The prior is taken from the embedding in the encoder's own precision: a float64 encoder
+        # (e.g. an exact Gaussianizing map) must give log_density to float64 accuracy before rounding.
+        z = torch.cat(zs)
+        score64 = torch.cat(ss)
+        prior64 = log_prior64(z)
+        return SampleScores(
+            jepa_score=score64.to(torch.float32),
+            log_prior=prior64.to(torch.float32),
+            log_density=(score64 + prior64).to(torch.float32),
+            n_floored=torch.cat(fs),
+            embedding=z.detach().to(torch.float32),
+            input_dim=d_dim,
+            method=self.method,
+        )
+
+    def __call__(self, x: torch.Tensor, **side: Any) -> SampleScores:
+        return self.score(x, **side)
+
+    def _floors(self):
+        return (None, PAPER_ABS_FLOOR) if self.paper else (self.rel_floor, None)
+
+    def _chunk(self, x: torch.Tensor, side: Dict[str, Any]):
+        rel_floor, abs_floor = self._floors()
+
+        def f(inp: torch.Tensor) -> torch.Tensor:
+            return self._embedding(inp, side)
+
+        if self.method == "exact":
+            z, jac = embedding_and_jacobian(f, x, input_module=self.input_module, vectorize=self.vectorize)
+            d_dim = jac.shape[-1]
+            s, floored = half_logdet(gram(jac), rel_floor=rel_floor, abs_floor=abs_floor)
+            return z, s, floored, d_dim
+        return slq_chunk(f, x, input_module=self.input_module, rel_floor=rel_floor, abs_floor=abs_floor,
+                         **(self.approx_options or {}))
+
+    def _first_micro_batch(self, x: torch.Tensor, side: Dict[str, Any]) -> int:
+        """Micro-batch size from one gradient-free forward pass of one sample (K and D are only known
+        after a forward pass): fully scoring a first sample alone would cost a whole K-VJP loop."""
+        with torch.no_grad(), differentiation_point(x[:1], self.input_module) as holder:
+            z = self._embedding(holder[0] if self.input_module is None else x[:1], _slice_side(side, x.shape[0], 0, 1))
+        if not holder:
+            return 1  # the chunk path raises the explanatory error
+        return micro_batch_size(z.shape[1], holder[0][0].numel(), self.memory_budget)
+
+
+def micro_batch_size(k_dim: int, d_dim: int, memory_budget: int) -> int:
+    """Samples whose Jacobian fits ``memory_budget`` bytes: the float32 (K, D) Jacobian, its float64
+    copy and the Gram (activations are not counted)."""
+    n = min(k_dim, d_dim)
+    per_sample = k_dim * d_dim * 12 + n * n * 8
+    return max(1, memory_budget // per_sample)
+
+
+def _check_input(x: Any, *, input_module: Optional[nn.Module], need_float: bool) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor of shape (batch, ...); got {type(x).__name__}.")
+    if x.ndim < 2:
+        raise ValueError(
+            f"x has shape {tuple(x.shape)}; it needs a batch dimension first, e.g. (batch, features). "
+            "For a single sample use x.unsqueeze(0)."
+        )
+    if need_float and input_module is None and not x.is_floating_point():
+        raise TypeError(
+            f"x has dtype {x.dtype}, which cannot carry gradients. For token ids pass "
+            "input_module=<the embedding layer>, and the score is taken with respect to the "
+            "embedded tokens; otherwise convert x to a floating-point tensor."
+        )
+    return x
+
+
+def as_scorer(encoder: Any, **options: Any) -> Scorer:
+    """``encoder`` as a :class:`Scorer`: a Scorer itself (with ``options`` applied on top), or a
+    callable encoder wrapped with ``options``."""
+    if isinstance(encoder, Scorer):
+        return encoder.replace(**options) if options else encoder
+    return Scorer(encoder, **options)
