@@ -1,22 +1,53 @@
-"""What only TensorBoard can show: histograms, image grids and the custom-scalars layout.
+"""What only a SummaryWriter can show: histograms, image grids and the custom-scalars layout.
 
-``LightningModule.log`` takes scalars only, so these go to the ``SummaryWriter`` of every
-``TensorBoardLogger`` directly, on global rank 0 only (on other ranks ``experiment`` is a stand-in).
+``log_metrics`` takes scalars only, so these go to the writer behind each logger directly, on
+global rank 0 only (elsewhere ``experiment`` is a stand-in). A writer is recognised by what it can
+do, not by its class: ``lightning.pytorch`` and ``pytorch_lightning`` each have their own
+``TensorBoardLogger`` class, and an ``isinstance`` check against one misses the other.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence
+from typing import Any, Callable, List, Mapping, Optional, Sequence
 
 import torch
 
+WRITER_METHODS = ("add_histogram", "add_image", "add_custom_scalars")
 
-def tensorboard_writers(trainer: Any) -> List[Any]:
-    from lightning.pytorch.loggers import TensorBoardLogger
 
+def _writer_of(logger: Any) -> Optional[Any]:
+    try:
+        experiment = logger.experiment
+    except Exception:  # a logger that cannot start its backend here is not a writer
+        return None
+    if all(callable(getattr(experiment, m, None)) for m in WRITER_METHODS):
+        return experiment
+    return None
+
+
+def summary_writers(trainer: Any, warn_once: Optional[Callable[[str, str], None]] = None) -> List[Any]:
+    """The SummaryWriter of every logger that has one (global rank 0; [] elsewhere). Loggers without
+    one get a one-time warning through ``warn_once(key, message)``."""
     if not trainer.is_global_zero:
         return []
-    return [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+    writers = []
+    for logger in trainer.loggers:
+        writer = _writer_of(logger)
+        if writer is not None:
+            writers.append(writer)
+        elif warn_once is not None:
+            name = type(logger).__name__
+            warn_once(f"no-writer-{name}", f"jepa-monitor: the {name} cannot take histograms, images or a "
+                      "custom-scalars layout; it receives the scalars only (add a TensorBoardLogger for the rest).")
+    return writers
+
+
+def first_writer_dir(trainer: Any) -> Optional[str]:
+    """Log dir of the first logger with a SummaryWriter (where the export goes), else None."""
+    for logger in trainer.loggers:
+        if _writer_of(logger) is not None and getattr(logger, "log_dir", None):
+            return logger.log_dir
+    return None
 
 
 def image_grid(images: torch.Tensor, pad: int = 2) -> torch.Tensor:
@@ -40,19 +71,23 @@ def image_grid(images: torch.Tensor, pad: int = 2) -> torch.Tensor:
     return grid
 
 
-def custom_scalars_layout(name: str, components: Sequence[str], with_policy: bool) -> Dict[str, Any]:
-    """One category per monitor; charts group a component's quantiles, the drift distances and time."""
-    charts: Dict[str, Any] = {}
-    for comp in components:
-        charts[f"{comp}: held-out quantiles"] = ["Margin", [f"{name}/heldout/{comp}/p50", f"{name}/heldout/{comp}/p5", f"{name}/heldout/{comp}/p95"]]
-        charts[f"{comp}: incoming quantiles"] = ["Margin", [f"{name}/incoming/{comp}/p50", f"{name}/incoming/{comp}/p5", f"{name}/incoming/{comp}/p95"]]
-    charts["drift: KS vs reference"] = ["Multiline", [rf"{name}/(heldout|incoming)/.*/drift_ks"]]
-    charts["drift: Wasserstein-1 vs reference"] = ["Multiline", [rf"{name}/(heldout|incoming)/.*/drift_w1"]]
-    charts["incoming vs current held-out (KS)"] = ["Multiline", [rf"{name}/incoming/.*/shift_ks"]]
-    charts["alerts"] = ["Multiline", [rf"{name}/.*/drift_alert"]]
-    charts["floored singular values"] = ["Multiline", [rf"{name}/.*/floored_fraction"]]
-    charts["scoring time share"] = ["Multiline", [rf"{name}/time/share"]]
-    charts["trust"] = ["Multiline", [rf"{name}/trust/.*"]]
-    if with_policy:
-        charts["curation"] = ["Multiline", [rf"{name}/policy/(fraction_dropped|mean_weight|batch_weight)"]]
-    return {f"jepa-monitor {name}": charts}
+def write_histograms(writers: Sequence[Any], tags_and_values: Mapping[str, torch.Tensor], step: int) -> None:
+    for writer in writers:
+        for tag, values in tags_and_values.items():
+            v = values[torch.isfinite(values)]
+            if v.numel():
+                writer.add_histogram(tag, v.numpy(), step)
+
+
+def write_extremes(writers: Sequence[Any], low_tag: str, high_tag: str, images: torch.Tensor,
+                   scores: torch.Tensor, k: int, step: int) -> None:
+    """The ``k`` lowest- and highest-scoring images (finite scores only) as two grids."""
+    finite = torch.isfinite(scores).nonzero().reshape(-1)
+    k = min(k, finite.numel())
+    if not k:
+        return
+    order = finite[torch.argsort(scores[finite])]
+    low, high = image_grid(images[order[:k]]), image_grid(images[order[-k:].flip(0)])
+    for writer in writers:
+        writer.add_image(low_tag, low, step)
+        writer.add_image(high_tag, high, step)

@@ -10,6 +10,7 @@ import argparse
 import importlib
 import math
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
@@ -151,39 +152,66 @@ def load_data(spec: str) -> Any:
 
 
 def _pick(item: Any, key: Optional[str], what: str):
+    """The input tensor that ``--input-key`` selects in one data item or batch.
+
+    The key is a string: a dict key, a list/tuple index ("0"), or a dotted path ("views.0.image",
+    digits index lists/tuples); see :mod:`jepa_monitor.batches`. Without a key a tuple/list gives
+    its first item and a tensor itself.
+    """
+    import torch
+
+    from .batches import describe, get_input
+
+    if isinstance(item, torch.Tensor) and key is not None:
+        raise CLIError(f"{what} {key!r} was given but the data is a plain Tensor; drop {what}.")
     if key is None:
-        if isinstance(item, dict):
-            raise CLIError(f"the data items are dicts with keys {sorted(item)}; choose one with {what}.")
-        if isinstance(item, (tuple, list)):
-            return item[0]
-        return item
-    if isinstance(item, dict):
-        if key not in item:
-            raise CLIError(f"{what} {key!r} is not among the data's keys {sorted(item)}.")
-        return item[key]
-    if isinstance(item, (tuple, list)):
-        if not key.lstrip("-").isdigit() or not -len(item) <= int(key) < len(item):
-            raise CLIError(f"the data items are tuples of {len(item)}; {what} must be an index below {len(item)}.")
-        return item[int(key)]
-    raise CLIError(f"{what} {key!r} was given but the data is a plain {type(item).__name__}; drop {what}.")
+        if isinstance(item, Mapping):
+            raise CLIError(f"the data items are dicts with keys {list(item.keys())}; choose one with {what} "
+                           f"(tensors: {', '.join(describe(item))}).")
+        key = 0
+    try:
+        return get_input(item, key, what)
+    except (KeyError, TypeError, ValueError) as err:
+        raise CLIError(_one_line(err)) from None
+
+
+def _pick_ids(item: Any, key: Optional[str], n: int, what: str) -> Optional[List[str]]:
+    """The ``n`` ids that ``--id-key`` selects (same key syntax as ``--input-key``), or None."""
+    import torch
+
+    from .batches import get_ids
+
+    if key is None:
+        return None
+    if isinstance(item, torch.Tensor):
+        raise CLIError(f"{what} {key!r} was given but the data is a plain Tensor; drop {what}.")
+    try:
+        return get_ids(item, key, n, what)
+    except (KeyError, TypeError, ValueError) as err:
+        raise CLIError(_one_line(err)) from None
+
+
+def _one_line(err: BaseException) -> str:
+    # str(KeyError) wraps the message in quotes; user errors print as a single line.
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    return " ".join(text.split())
 
 
 def iterate_rows(data: Any, input_key, id_key, batch_size: int) -> Tuple[int, Iterator[Tuple[Any, List[str]]]]:
-    """(number of rows, iterator of (input batch, ids)) over a tensor, dict of tensors or dataset."""
+    """(number of rows, iterator of (input batch, ids)) over a tensor, (nested) dict of tensors or dataset."""
     import torch
 
     if isinstance(data, (torch.Tensor, dict, tuple, list)) and not (
         isinstance(data, (tuple, list)) and data and not isinstance(data[0], torch.Tensor)
     ):
         x = _pick(data, input_key, "--input-key")
-        ids = _pick(data, id_key, "--id-key") if id_key is not None else None
-        if not isinstance(x, torch.Tensor):
-            raise CLIError(f"the selected input is a {type(x).__name__}, not a tensor; check --input-key.")
         n = x.shape[0]
+        ids = _pick_ids(data, id_key, n, "--id-key")
 
         def chunks():
             for s in range(0, n, batch_size):
-                yield x[s : s + batch_size], _ids(ids, s, min(n, s + batch_size))
+                stop = min(n, s + batch_size)
+                yield x[s:stop], ids[s:stop] if ids is not None else _positions(s, stop)
 
         return n, chunks()
     if not (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
@@ -196,18 +224,17 @@ def iterate_rows(data: Any, input_key, id_key, batch_size: int) -> Tuple[int, It
         start = 0
         for batch in loader:
             x = _pick(batch, input_key, "--input-key")
-            ids = _pick(batch, id_key, "--id-key") if id_key is not None else None
-            yield x, _ids(ids, start, start + x.shape[0], offset=start)
-            start += x.shape[0]
+            stop = start + x.shape[0]
+            ids = _pick_ids(batch, id_key, x.shape[0], "--id-key")
+            yield x, ids if ids is not None else _positions(start, stop)
+            start = stop
 
     return len(data), batches()
 
 
-def _ids(ids, start: int, stop: int, offset: int = 0) -> List[str]:
-    if ids is None:
-        return [str(i) for i in range(start, stop)]
-    part = ids[start - offset : stop - offset]
-    return [str(v.item() if hasattr(v, "item") else v) for v in part]
+def _positions(start: int, stop: int) -> List[str]:
+    """Default ids: the row positions in the data."""
+    return [str(i) for i in range(start, stop)]
 
 
 # ---------------------------------------------------------------------------------------- score
@@ -422,8 +449,12 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--module-class", metavar="MODULE:CLASS", help="the checkpoint's LightningModule class")
     score.add_argument("--data", required=True, metavar="FILE.pt|MODULE:ATTR",
                        help="a tensor / dict of tensors saved with torch.save, or an importable tensor or dataset")
-    score.add_argument("--input-key", help="dict key or tuple index of the input in the data items")
-    score.add_argument("--id-key", help="dict key or tuple index of per-sample ids (default: row position)")
+    score.add_argument("--input-key", metavar="KEY",
+                       help="where the input sits in each data item: a dict key, a tuple/list index, or a dotted "
+                       "path such as views.0.image (digits index lists/tuples); default: the first item")
+    score.add_argument("--id-key", metavar="KEY",
+                       help="where per-sample ids sit, same syntax as --input-key, e.g. views.0.sample_idx "
+                       "(default: row position)")
     score.add_argument("--out", required=True, help="output file, .csv or .parquet")
     score.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     score.add_argument("--method", default="exact", choices=("exact", "slq"), help="exact (default) or slq")

@@ -3,14 +3,15 @@
 JEPA-SCORE + the isotropic Gaussian term is a log-density only when the encoder pushes the data
 onto N(0, I_K), the state the anti-collapse (SIGReg) term aims for. These functions measure how far
 held-out embeddings z (N, K) are from that state, in float64, and turn the answer into one trust
-number in [0, 1] and the name of the diagnostic to blame.
+number in [0, 1] (or NaN, "unknown", when the rows cannot support a verdict) and the name of the
+diagnostic to blame.
 
-The departure is split into three orthogonal parts, so that each constructed failure moves one
-diagnostic and the culprit can be named: the mean (``mean_offset``), the covariance of the centred
-embeddings (``eig_max``, ``eig_min``), and the shape that is left after whitening with the sample
-covariance (``shape_epps_pulley``, ``shape_norm_cv_ratio``). The raw SIGReg statistic, the
-condition number, the effective rank and the raw norm statistics are reported for reading, not
-scored: each of them mixes several parts.
+The departure is split into parts, so that each constructed failure moves one diagnostic and the
+culprit can be named: the overall scale (``norm_mean``), the mean (``mean_offset``), the covariance
+of the centred embeddings (``eig_max``, ``eig_min``), and the shape that is left after whitening
+with the sample covariance (``shape_epps_pulley``, ``shape_norm_cv_ratio``). The raw SIGReg
+statistic, the condition number, the effective rank and the raw norm spread are reported for
+reading, not scored: each of them mixes several parts.
 
 Keys of :func:`gaussianity_report` (all floats):
 
@@ -29,8 +30,11 @@ Keys of :func:`gaussianity_report` (all floats):
   ``eig_min`` is a collapsed direction (dimensional collapse, or the whole scale too small).
 - ``condition_number``: eig_max / eig_min (inf when the covariance is singular).
 - ``effective_rank``: exp(entropy of the normalised eigenvalues) / K, in (0, 1]; 1/K for a rank-1
-  collapse, 0 when every embedding is the same.
-- ``norm_mean``: mean of ‖z‖ / √K; ≈ 1 - 1/(4K) under N(0, I).
+  collapse, 0 when every embedding is the same. Under N(0, I) it is below 1 by the sampling spread
+  of the eigenvalues alone (≈ 0.88 at N = 4K) and at most (N-1)/K when N ≤ K.
+- ``norm_mean``: mean of ‖z‖ / √K, the RMS scale of the embeddings (≈ √(mean eigenvalue +
+  mean_offset²)); E χ_K / √K ≈ 1 - 1/(4K) under N(0, I), with a sampling spread of about
+  1/√(2NK). An L2-normalised output reads 1/√K (0.05 at K = 384) at any N.
 - ``norm_cv_ratio``: coefficient of variation of ‖z‖ divided by that of the χ_K distribution (the
   norm of N(0, I_K)); 1 under the target, > 1 when norms do not concentrate.
 - ``shape_epps_pulley``: the Epps–Pulley statistic of the whitened embeddings (mean removed,
@@ -42,27 +46,48 @@ Keys of :func:`gaussianity_report` (all floats):
   variables, r the rank): > 1 heavy radial tails, < 1 norms too concentrated (e.g. a shell).
   NaN when the covariance is zero.
 
-The covariance diagnostics need N > K rows (N >= 4K recommended: below that the sampling spread
-of the eigenvalues is as wide as the departures worth reporting); when K >= N - 1, ``eig_min`` is
-not scored and the shape keys are NaN.
+How many rows. With N ≤ K + 1 rows (γ = K/(N-1) >= 1) the sample covariance is singular whatever
+the encoder, so ``eig_min`` cannot see a collapsed direction and the shape keys are NaN: the
+report cannot support a verdict and :func:`trust_score` is NaN. Between that and N = 4K the
+sampling spread of the eigenvalues is as wide as the departures worth reporting (the ``eig_min``
+bound is about (1 - √γ)²: 0.23 at N = 4K, below 0.01 at N = 1.2 K), so the verdict is weak. Use
+:func:`trust_rows` (K) = ``MIN_ROWS_PER_DIM`` · K = 4K embedding rows for the diagnostics:
+embeddings are cheap (one forward pass each); only the Jacobian is not, and the diagnostics do not
+need it.
 
-Trust. Each scored diagnostic gets a severity x >= 0: how far it lies beyond the range an exact
-N(0, I_K) sample of the same N and K produces (99.9% and above in simulation, so an exactly
-Gaussian embedding has x = 0), in units of a tolerance at which the density reading becomes
-doubtful. Its factor is 1 / (1 + x²): 1 inside the null range, 0.5 at the doubt threshold, 0.2 at
-twice the tolerance beyond it. ``trust_score`` is the smallest factor; ``weakest_diagnostic``
+Trust. Each scored diagnostic (``TRUST_KEYS``) gets a severity x >= 0: how far it lies beyond the
+range an exact N(0, I_K) sample of the same N and K produces (99.9% and above in simulation, so
+an exactly Gaussian embedding has x = 0), in units of a tolerance at which the density reading
+becomes doubtful. Its factor is 1 / (1 + x²): 1 inside the null range, 0.5 at the doubt threshold,
+0.2 at twice the tolerance beyond it. ``trust_score`` is the smallest factor; ``weakest_diagnostic``
 names it. ``trust_score >= TRUST_THRESHOLD`` (0.5) therefore means "no diagnostic is past its
 doubt threshold".
+
+Unknown (NaN). A score is never high while a diagnostic is blind. ``trust_score`` is NaN and
+``weakest_diagnostic`` starts with "unknown" when
+
+1. N ≤ K + 1 (includes N ≤ K): the covariance and shape diagnostics are undefined or
+   uninformative, see above; or
+2. some scored diagnostic is NaN (undefined, or missing from the report) and no other scored
+   diagnostic is past its doubt threshold. When another one is (factor < TRUST_THRESHOLD), the
+   verdict "not a density" stands whatever the missing one would say (it could only lower the
+   minimum), so the score is the minimum over the defined factors. The one case
+   :func:`gaussianity_report` produces: the shape keys are NaN when the covariance is zero (every
+   embedding the same), and ``eig_min`` = 0 then gives a factor of about 1e-6.
 
 ======================  ==============================================  ==========================
 diagnostic              null bound (N samples, K dims, γ = K/(N-1))     tolerance (x = 1)
 ======================  ==============================================  ==========================
+norm_mean               c_K · exp(±3.5 · cv_K / √N)                      ×√2 or ÷√2
 mean_offset             √(q₀.₉₉₉(χ²_K) / (N K))  (≈ 0.07 at N=512, K=16)  +0.25
 eig_max                 (1 + √γ)² · exp(2.5/√N)                          ×2
-eig_min                 (1 - √γ)² · exp(-3.5/√N) (uninformative if γ≥1)  ÷2
+eig_min                 (1 - √γ)² · exp(-3.5/√N) (unknown if γ ≥ 1)      ÷2
 shape_epps_pulley       1.5                                              +0.01 · N
 shape_norm_cv_ratio     exp(±3.5/√N)                                     ×1.5 or ÷1.5
 ======================  ==============================================  ==========================
+
+(c_K = E χ_K / √K and cv_K = sd χ_K / E χ_K, exact; the ``norm_mean`` bound is the 99.95% range of
+a mean of N such norms, normal approximation.)
 
 Why these tolerances. With embeddings N(μ, Σ) the correct Gaussian term is log N(z; μ, Σ); the
 error of the isotropic term, e(z), has variance ½Σᵢ(λᵢ - 1)² + μᵀΣμ, against K/2 for the term
@@ -71,13 +96,30 @@ itself. A mean offset of 0.25 per coordinate makes that ratio of standard deviat
 one (simulated, K = 16 and 64), and the error grows linearly beyond. A variance off by a factor 2
 beyond sampling noise (standard deviation ×1.4) in one direction is the same order for K ≈ 16
 (one such direction gives a ratio |λ - 1|/√K). A uniform change of scale leaves the ranking of
-the Gaussian term unchanged (it only reweights it against JEPA-SCORE), so it has no diagnostic of
-its own; ``eig_max`` / ``eig_min`` catch it once the variance is off by more than that factor 2
-beyond sampling noise. For the shape, a divergence of 0.01 per
+the Gaussian term unchanged but reweights it against JEPA-SCORE (its size is K·log(scale) nats), so
+the scale is held to the same factor 2 in variance (√2 in ``norm_mean``) as a single direction;
+``norm_mean`` measures it at a sampling precision of ~1/√(NK), so it reads an L2-normalised or
+down-scaled output (MiniLM-like: ``norm_mean`` 0.27) also where the ``eig_min`` bound is weak
+(K + 1 < N < 4K); with N ≤ K + 1 its factor is still in :func:`trust_factors`, but the verdict is
+unknown.
+For the shape, a divergence of 0.01 per
 sample is what Student-t marginals with about 5 degrees of freedom (excess kurtosis 6) or Laplace
 marginals produce (0.009 and 0.016); heavier tails make the Gaussian term wrong by many nats on the
 extreme samples, which are the ones curation acts on. A norm spread 1.5× that of χ_K means the
 Gaussian term's spread over the data is off by as much.
+
+Not scored, on purpose: ``effective_rank`` mixes a stretched and a collapsed direction (a single
+direction ×10 drops it from 0.99 to 0.13 at K = 16, N = 512), so scoring it would blame it instead of
+``eig_max``; dimensional collapse is already ``eig_min`` (which is 0 for any rank below K once
+N > K + 1), and with N ≤ K + 1 the verdict is unknown anyway. What none of these sees: iid
+non-Gaussian coordinates at large K (whitened 1-D projections are then Gaussian by the central
+limit theorem), a mean shift of fixed ‖μ‖ at large K (by design: its error shrinks against √(K/2)),
+and a spectrum with many directions each off by less than ×2 (``benchmarks/trust_calibration.py``
+prints the first two).
+
+Rank deficiency of the Jacobian. :func:`rank_deficiency` reads the per-row ``n_floored`` counts of
+the scorer: the same count on most rows means dead output dimensions (e.g. a LayerNorm γ ≈ 0), and
+the score is then a sum over the remaining rank.
 
 Agreement. :func:`score_agreement` gives the Spearman correlation of every pair of scores on the
 held-out set (all oriented "higher = more typical"); :func:`disagreement` lists the pairs below
@@ -89,7 +131,7 @@ from __future__ import annotations
 
 import math
 from itertools import combinations
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, List, Mapping, Optional, Union
 
 import torch
 
@@ -98,7 +140,9 @@ from .gaussianity import epps_pulley, random_directions
 
 TRUST_THRESHOLD = 0.5
 DISAGREEMENT_THRESHOLD = 0.1
-TRUST_KEYS = ("mean_offset", "eig_max", "eig_min", "shape_epps_pulley", "shape_norm_cv_ratio")
+TRUST_KEYS = ("norm_mean", "mean_offset", "eig_max", "eig_min", "shape_epps_pulley", "shape_norm_cv_ratio")
+# Embedding rows per dimension the diagnostics should be given (see the module doc, "How many rows").
+MIN_ROWS_PER_DIM = 4
 REPORT_KEYS = (
     "n_samples", "dim", "epps_pulley", "mean_offset", "eig_max", "eig_min", "condition_number",
     "effective_rank", "norm_mean", "norm_cv_ratio", "shape_epps_pulley", "shape_norm_cv_ratio",
@@ -117,9 +161,27 @@ EIG_TOL = 2.0
 SHAPE_EP_NULL = 1.5
 SHAPE_EP_TOL = 0.01
 NORM_CV_TOL = 1.5
+NORM_MEAN_TOL = math.sqrt(2.0)
+_NORM_MEAN_MARGIN = 3.5
 _EIG_MAX_MARGIN = 2.5
 _EIG_MIN_MARGIN = 3.5
 _NORM_CV_MARGIN = 3.5
+
+
+def trust_rows(k: int) -> int:
+    """Embedding rows to give the Gaussianity diagnostics for a K-dimensional embedding:
+    ``MIN_ROWS_PER_DIM * k`` (4K). With N ≤ K + 1 rows the trust verdict is unknown whatever the
+    encoder; at 4K the sampling spread of the covariance spectrum ((1 ± √γ)², γ ≈ 1/4) is narrower
+    than the departures the trust score is meant to report."""
+    k = int(k)
+    if k < 1:
+        raise ValueError(f"trust_rows needs an embedding dimension K >= 1; got {k}.")
+    return MIN_ROWS_PER_DIM * k
+
+
+def _chi_mean_scaled(k: int) -> float:
+    """E χ_k / √k, the mean of ‖N(0, I_k)‖ / √k (≈ 1 - 1/(4k))."""
+    return math.sqrt(2.0 / k) * math.exp(math.lgamma((k + 1) / 2) - math.lgamma(k / 2))
 
 
 def _chi_cv(k: int) -> float:
@@ -215,14 +277,19 @@ def gaussianity_report(
 
 
 def null_bounds(n: int, k: int) -> Dict[str, tuple]:
-    """(low, high) range of each scored diagnostic for an exact N(0, I_K) sample of n rows."""
+    """(low, high) range of each scored diagnostic for an exact N(0, I_K) sample of n rows.
+
+    The ``eig_min`` low bound is 0 (uninformative) when γ = k/(n-1) >= 1."""
     gamma = k / max(n - 1, 1)
     root_n = math.sqrt(n)
     mean_hi = math.sqrt(_chi2_quantile(k, _Z_999) / (n * k))
     eig_hi = (1 + math.sqrt(gamma)) ** 2 * math.exp(_EIG_MAX_MARGIN / root_n)
     eig_lo = (1 - math.sqrt(gamma)) ** 2 * math.exp(-_EIG_MIN_MARGIN / root_n) if gamma < 1 else 0.0
     cv = math.exp(_NORM_CV_MARGIN / root_n)
+    c_k = _chi_mean_scaled(k)
+    norm_spread = math.exp(_NORM_MEAN_MARGIN * _chi_cv(k) / root_n)
     return {
+        "norm_mean": (c_k / norm_spread, c_k * norm_spread),
         "mean_offset": (0.0, mean_hi),
         "eig_max": (0.0, eig_hi),
         "eig_min": (eig_lo, math.inf),
@@ -231,51 +298,144 @@ def null_bounds(n: int, k: int) -> Dict[str, tuple]:
     }
 
 
-def severities(report: Mapping[str, float]) -> Dict[str, float]:
-    """Severity x >= 0 of each scored diagnostic: excess beyond the null range, in tolerances.
+def _rows_insufficient(n: float, k: float) -> bool:
+    """True when N ≤ K + 1 (γ >= 1) or the sizes are missing: no verdict possible."""
+    return not (n >= 2 and k >= 1 and n > k + 1)
 
-    NaN diagnostics (undefined, e.g. the shape of a zero covariance) get 0: the failure that made
-    them undefined is scored by another diagnostic.
+
+def severities(report: Mapping[str, float]) -> Dict[str, float]:
+    """Severity x >= 0 of each scored diagnostic (``TRUST_KEYS``): excess beyond the null range,
+    in tolerances.
+
+    NaN for a diagnostic that cannot be scored: its value is NaN or missing from the report (e.g.
+    the shape of a zero covariance), or it is ``eig_min`` with N ≤ K + 1 (its null bound is 0).
+    :func:`trust_score` decides what a NaN means (see the module doc, "Unknown").
     """
-    n, k = int(report["n_samples"]), int(report["dim"])
+    n, k = float(report.get("n_samples", math.nan)), float(report.get("dim", math.nan))
+    if math.isnan(n) or math.isnan(k) or n < 2 or k < 1:
+        return {key: math.nan for key in TRUST_KEYS}
+    n, k = int(n), int(k)
     bounds = null_bounds(n, k)
     tiny = 1e-300
+    v = {key: float(report.get(key, math.nan)) for key in TRUST_KEYS}
 
     def log_excess(value: float, bound: float) -> float:
         return math.log(max(value, tiny) / max(bound, tiny))
 
+    norm_lo, norm_hi = bounds["norm_mean"]
     x = {
-        "mean_offset": (report["mean_offset"] - bounds["mean_offset"][1]) / MEAN_TOL,
-        "eig_max": log_excess(report["eig_max"], bounds["eig_max"][1]) / math.log(EIG_TOL),
+        "norm_mean": max(log_excess(v["norm_mean"], norm_hi), log_excess(norm_lo, v["norm_mean"]))
+        / math.log(NORM_MEAN_TOL),
+        "mean_offset": (v["mean_offset"] - bounds["mean_offset"][1]) / MEAN_TOL,
+        "eig_max": log_excess(v["eig_max"], bounds["eig_max"][1]) / math.log(EIG_TOL),
         "eig_min": (
-            log_excess(bounds["eig_min"][0], report["eig_min"]) / math.log(EIG_TOL)
-            if bounds["eig_min"][0] > 0 else 0.0
+            log_excess(bounds["eig_min"][0], v["eig_min"]) / math.log(EIG_TOL)
+            if bounds["eig_min"][0] > 0 else math.nan
         ),
-        "shape_epps_pulley": (report["shape_epps_pulley"] - SHAPE_EP_NULL) / (SHAPE_EP_TOL * n),
+        "shape_epps_pulley": (v["shape_epps_pulley"] - SHAPE_EP_NULL) / (SHAPE_EP_TOL * n),
         "shape_norm_cv_ratio": (
-            abs(math.log(max(report["shape_norm_cv_ratio"], tiny))) - math.log(bounds["shape_norm_cv_ratio"][1])
+            abs(math.log(max(v["shape_norm_cv_ratio"], tiny))) - math.log(bounds["shape_norm_cv_ratio"][1])
         ) / math.log(NORM_CV_TOL),
     }
-    return {key: (max(v, 0.0) if not math.isnan(v) else 0.0) for key, v in x.items()}
+    for key in TRUST_KEYS:  # max()/log() above do not propagate a NaN value reliably
+        if math.isnan(v[key]):
+            x[key] = math.nan
+    return {key: (max(x[key], 0.0) if not math.isnan(x[key]) else math.nan) for key in TRUST_KEYS}
 
 
 def trust_factors(report: Mapping[str, float]) -> Dict[str, float]:
-    """Factor 1 / (1 + x²) in (0, 1] of each scored diagnostic (1 = within the null range)."""
+    """Factor 1 / (1 + x²) in (0, 1] of each scored diagnostic (1 = within the null range; NaN
+    when the diagnostic cannot be scored, see :func:`severities`)."""
     return {key: 1.0 / (1.0 + x * x) for key, x in severities(report).items()}
+
+
+def _verdict(report: Mapping[str, float]) -> tuple:
+    """(trust, weakest) following the rules of the module doc."""
+    n, k = float(report.get("n_samples", math.nan)), float(report.get("dim", math.nan))
+    if _rows_insufficient(n, k):
+        if math.isnan(n) or math.isnan(k):
+            return math.nan, "unknown (n_samples or dim missing)"
+        need = trust_rows(int(k)) if k >= 1 else 0
+        return math.nan, f"unknown (N ≤ K + 1: {int(n)} rows for K = {int(k)}; use >= {need})"
+    factors = trust_factors(report)
+    known = {key: f for key, f in factors.items() if not math.isnan(f)}
+    blind = [key for key in factors if key not in known]
+    worst = min(known, key=known.get) if known else None
+    if blind and (worst is None or not known[worst] < TRUST_THRESHOLD):
+        return math.nan, f"unknown ({', '.join(blind)} undefined)"
+    if worst is None:  # pragma: no cover - TRUST_KEYS is never empty
+        return math.nan, "unknown"
+    return known[worst], (worst if known[worst] < 1.0 else "none")
 
 
 def trust_score(report: Mapping[str, float]) -> float:
     """min over the scored diagnostics of 1 / (1 + x²); >= TRUST_THRESHOLD iff none is past its
-    doubt threshold."""
-    return min(trust_factors(report).values())
+    doubt threshold. NaN ("unknown") when the report cannot support a verdict: N ≤ K + 1, or a
+    scored diagnostic is undefined while no other one is past its doubt threshold (module doc,
+    "Unknown"). Never high while a diagnostic is blind."""
+    return _verdict(report)[0]
 
 
 def weakest_diagnostic(report: Mapping[str, float]) -> str:
     """The report key of the scored diagnostic with the lowest factor (the reason trust is low),
-    or "none" when every scored diagnostic is within its null range."""
-    sev = severities(report)
-    worst = max(sev, key=sev.get)
-    return worst if sev[worst] > 0 else "none"
+    "none" when every scored diagnostic is within its null range, or a string starting with
+    "unknown (" that says why when :func:`trust_score` is NaN, e.g.
+    "unknown (N ≤ K + 1: 200 rows for K = 384; use >= 1536)"."""
+    return _verdict(report)[1]
+
+
+def rank_deficiency(
+    n_floored: torch.Tensor, rank_dim: Union[torch.Tensor, int], *, majority: float = 0.5
+) -> Dict[str, Union[bool, int, float]]:
+    """Is the Jacobian rank-deficient by the same amount on most rows? (dead output dimensions)
+
+    ``n_floored`` (B,): per row, how many of the ``rank_dim`` = min(K, D) singular values the
+    scorer raised to its floor (:class:`jepa_monitor.scoring.SampleScores`); negative entries (not
+    computed) are left out. ``rank_dim``: that count of singular values, an int or one per row.
+
+    A count that varies from row to row is local geometry. The same count > 0 on more than
+    ``majority`` of the rows is systematic: output dimensions that no input moves, such as a
+    LayerNorm whose γ ≈ 0 on some channels, an output bottleneck narrower than K, or an
+    L2-normalised output (one exactly-zero singular value). Each such direction then contributes
+    log(floor) instead of a log-density term, the same amount on every row: with the relative floor
+    the score is, up to that constant, a sum over the remaining ``score_rank`` directions, which
+    ranks samples consistently, but it is not the K-dimensional density. Warn once and log it.
+
+    Returns ``{"systematic": bool, "typical_floored": int (the most common count, the mode),
+    "fraction_rows": float (share of rows with that count), "min_floored": int (found on every
+    row), "rank_dim": int, "score_rank": int (rank_dim - typical_floored), "rows": int}``; with no
+    usable row: not systematic, counts 0, fraction NaN.
+    """
+    counts = torch.as_tensor(n_floored).detach().reshape(-1).cpu()
+    if counts.is_floating_point():
+        ok = torch.isfinite(counts) & (counts >= 0)
+    else:
+        ok = counts >= 0
+    if isinstance(rank_dim, torch.Tensor) and rank_dim.numel() > 1:
+        dims = rank_dim.detach().reshape(-1).cpu()
+        if dims.numel() != counts.numel():
+            raise ValueError(f"rank_dim has {dims.numel()} entries for {counts.numel()} rows of n_floored.")
+        dims = dims[ok].round().long()
+        dim = int(torch.mode(dims).values) if dims.numel() else 0
+    else:
+        dim = int(rank_dim.item() if isinstance(rank_dim, torch.Tensor) else rank_dim)
+    counts = counts[ok].round().long()
+    rows = int(counts.numel())
+    if rows == 0:
+        return {"systematic": False, "typical_floored": 0, "fraction_rows": math.nan, "min_floored": 0,
+                "rank_dim": dim, "score_rank": dim, "rows": 0}
+    values, freq = torch.unique(counts, return_counts=True)
+    best = int(torch.argmax(freq))  # first of the most frequent: the smallest count on a tie
+    typical, fraction = int(values[best]), float(freq[best]) / rows
+    return {
+        "systematic": bool(typical > 0 and fraction > majority),
+        "typical_floored": typical,
+        "fraction_rows": fraction,
+        "min_floored": int(counts.min()),
+        "rank_dim": dim,
+        "score_rank": dim - typical,
+        "rows": rows,
+    }
 
 
 def score_agreement(scores: Mapping[str, torch.Tensor]) -> Dict[str, float]:

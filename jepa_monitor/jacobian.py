@@ -2,15 +2,27 @@
 
 The cost floor is one forward pass plus K input-only vector-Jacobian products. Each VJP is taken
 on ``z[:, k].sum()``, which yields every sample's k-th Jacobian row in one backward pass; that is
-valid because scoring runs in eval mode, where samples do not interact. Materialising the whole
-(B, K, D) Jacobian is what exhausts memory, so each micro-batch is reduced to its (n, n) Gram before
-the next one starts.
+valid because scoring runs in eval mode, where samples do not interact. Rows come either one
+backward pass each (the loop) or ``w`` at a time through one vmapped backward pass
+(``is_grads_batched``); ``vectorize="auto"`` times both once per (encoder, input shape, device) and
+keeps the faster.
+
+Materialising the whole (B, K, D) Jacobian is what exhausts memory, so :func:`embedding_and_gram`
+never holds more Jacobian rows than ``memory_budget`` allows: the float64 Gram is accumulated from
+row blocks (converted to float64 a column chunk at a time), and when even one micro-batch's K rows
+do not fit (ViT-B at 224 px: 0.5-0.6 GB per sample), the K ≤ D Gram G = J Jᵀ is built block by
+block with the rows recomputed from the retained forward graph (see :func:`plan_rows`).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator, List, Optional
+import math
+import time
+import warnings
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -68,44 +80,76 @@ _NOT_DIFFERENTIABLE = (
 )
 
 
-def _vjp_rows_loop(z: torch.Tensor, leaf: torch.Tensor, out: torch.Tensor) -> None:
-    for k in range(z.shape[1]):
-        (g,) = torch.autograd.grad(z[:, k].sum(), leaf, retain_graph=True, allow_unused=True)
+Vectorize = Union[None, bool, int, str]
+
+AUTO = "auto"
+AUTO_WIDTH_CPU = 16
+"""Rows per batched backward that ``vectorize="auto"`` tries on CPU (measured best of 16/64 on the
+benchmark CNN; the MLP gains as much at 16 as at 64)."""
+AUTO_WIDTH_ACCELERATOR = 64
+"""... and on an accelerator (untested here: no GPU was lent; 32-64 is the usual sweet spot)."""
+COLUMN_CHUNKS = 4
+"""The float32 rows are converted to float64 ``1/COLUMN_CHUNKS`` of their features at a time:
+half the bytes of the float32 rows. (Measured on CPU, 1 thread, the (16, 64, 3072) Gram: 1, 2 or
+4 chunks cost the same as one conversion, 8 chunks 25 % more.)"""
+
+_AUTO_LOOP_ROWS = 8  # rows timed for the loop (per-row cost is steady)
+_AUTO_ROUNDS = 2  # interleaved timing rounds; the minimum of each candidate is compared
+_AUTO_MARGIN = 0.9  # batched must be at least 10 % faster per row to replace the loop
+
+
+def _vjp_rows_loop(z: torch.Tensor, leaf: torch.Tensor, out: torch.Tensor, start: int = 0) -> None:
+    """Rows ``start .. start + out.shape[1]`` of every sample's Jacobian into ``out`` (b, r, D),
+    one backward pass per row."""
+    b = out.shape[0]
+    for i in range(out.shape[1]):
+        (g,) = torch.autograd.grad(z[:, start + i].sum(), leaf, retain_graph=True, allow_unused=True)
         if g is None:
             # z carries a graph (through the parameters) that never reaches the input.
             raise NotDifferentiableError(_NOT_DIFFERENTIABLE)
-        out[:, k] = g.reshape(out.shape[0], -1)
+        out[:, i] = g.reshape(b, -1)
 
 
-def _vjp_rows_batched(z: torch.Tensor, leaf: torch.Tensor, out: torch.Tensor, rows: int) -> None:
+def _vjp_rows_batched(z: torch.Tensor, leaf: torch.Tensor, out: torch.Tensor, rows: int, start: int = 0) -> None:
+    """As :func:`_vjp_rows_loop`, ``rows`` Jacobian rows per vmapped backward pass."""
     b, k_dim = z.shape
-    eye = torch.eye(k_dim, dtype=z.dtype, device=z.device)
-    for start in range(0, k_dim, rows):
-        stop = min(start + rows, k_dim)
-        grad_out = eye[start:stop, None, :].expand(stop - start, b, k_dim)
+    count = out.shape[1]
+    for i0 in range(0, count, rows):
+        i1 = min(i0 + rows, count)
+        w = i1 - i0
+        onehot = z.new_zeros(w, k_dim)
+        idx = torch.arange(w, device=z.device)
+        onehot[idx, start + i0 + idx] = 1
         (g,) = torch.autograd.grad(
-            z, leaf, grad_outputs=grad_out, retain_graph=True, is_grads_batched=True, allow_unused=True
+            z, leaf, grad_outputs=onehot[:, None, :].expand(w, b, k_dim), retain_graph=True,
+            is_grads_batched=True, allow_unused=True,
         )
         if g is None:
             raise NotDifferentiableError(_NOT_DIFFERENTIABLE)
-        out[:, start:stop] = g.reshape(stop - start, b, -1).transpose(0, 1)
+        out[:, i0:i1] = g.reshape(w, b, -1).transpose(0, 1)
 
 
 def differentiable_forward(
-    encoder: Callable[[torch.Tensor], Any],
+    encoder: Callable[..., Any],
     x: torch.Tensor,
     *,
     output: OutputSelector,
     pool: Pooling,
     input_module: Optional[nn.Module],
+    encoder_kwargs: Optional[Dict[str, Any]] = None,
 ):
-    """(leaf, z): the tensor to differentiate against and the (b, K) embedding built from it."""
+    """(leaf, z): the tensor to differentiate against and the (b, K) embedding built from it.
+
+    ``encoder_kwargs`` (e.g. a text encoder's ``attention_mask``, sliced to this micro-batch) are
+    passed through as ``encoder(x, **encoder_kwargs)``; they are not differentiated against.
+    """
+    kwargs = encoder_kwargs or {}
     with differentiation_point(x, input_module) as holder:
         if input_module is None:
-            raw = encoder(holder[0])
+            raw = encoder(holder[0], **kwargs)
         else:
             # Inference tensors (ids fetched under inference_mode) cannot be saved for backward.
-            raw = encoder(x.clone() if x.is_inference() else x)
+            raw = encoder(x.clone() if x.is_inference() else x, **kwargs)
             if not holder:
                 raise ValueError(
                     f"input_module {type(input_module).__name__} was not called during the encoder's "
@@ -117,31 +161,377 @@ def differentiable_forward(
     return holder[0], z
 
 
-def embedding_and_jacobian(
-    encoder: Callable[[torch.Tensor], Any],
+# ---------------------------------------------------------------------------------------------
+# Loop or batched rows, and the cached "auto" decision between them
+
+
+_AUTO_DECISIONS: "weakref.WeakKeyDictionary[Any, Dict[tuple, int]]" = weakref.WeakKeyDictionary()
+_AUTO_DECISIONS_BY_ID: Dict[tuple, int] = {}  # encoders that cannot be weakly referenced
+
+
+def _auto_identity(encoder: Any) -> Tuple[Any, Any]:
+    """(object whose lifetime the decision follows, extra key part). A bound method ``model.encode``
+    is a new object at every access: key it by its module and function. A whitening wrapper (made
+    afresh for every ``score_samples(..., whitening=...)`` call) times like the encoder it wraps."""
+    from .whitening import WhitenedEncoder
+
+    while isinstance(encoder, WhitenedEncoder):
+        encoder = encoder.encoder
+    owner, func = getattr(encoder, "__self__", None), getattr(encoder, "__func__", None)
+    if owner is not None and func is not None:
+        return owner, func
+    return encoder, None
+
+
+def _cache_get(encoder: Any, key: tuple) -> Optional[int]:
+    owner, extra = _auto_identity(encoder)
+    try:
+        return _AUTO_DECISIONS.get(owner, {}).get((extra, *key))
+    except TypeError:
+        return _AUTO_DECISIONS_BY_ID.get((id(owner), extra, *key))
+
+
+def _cache_put(encoder: Any, key: tuple, width: int) -> None:
+    owner, extra = _auto_identity(encoder)
+    try:
+        _AUTO_DECISIONS.setdefault(owner, {})[(extra, *key)] = width
+    except TypeError:
+        if len(_AUTO_DECISIONS_BY_ID) > 256:  # ids are reused after garbage collection: stay small
+            _AUTO_DECISIONS_BY_ID.clear()
+        _AUTO_DECISIONS_BY_ID[(id(owner), extra, *key)] = width
+
+
+def cached_vectorize_decisions(encoder: Any) -> Dict[tuple, int]:
+    """The ``vectorize="auto"`` decisions cached for ``encoder``: {(leaf shape, K, device, dtype):
+    rows per batched backward, 0 = loop}."""
+    owner, extra = _auto_identity(encoder)
+    try:
+        found = dict(_AUTO_DECISIONS.get(owner, {}))
+    except TypeError:
+        found = {k[1:]: v for k, v in _AUTO_DECISIONS_BY_ID.items() if k[0] == id(owner)}
+        return {k[1:]: v for k, v in found.items() if k[0] == extra}
+    return {k[1:]: v for k, v in found.items() if k[0] == extra}
+
+
+def clear_vectorize_cache() -> None:
+    """Forget every ``vectorize="auto"`` decision (the next micro-batch measures again)."""
+    _AUTO_DECISIONS.clear()
+    _AUTO_DECISIONS_BY_ID.clear()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type != "cpu" and hasattr(torch, "accelerator"):
+        torch.accelerator.synchronize(device)
+
+
+def _timed(fn: Callable[[], None], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _parse_vectorize(vectorize: Vectorize) -> Tuple[str, int]:
+    if vectorize is None or vectorize is False:
+        return "loop", 0
+    if vectorize is True or vectorize == AUTO:
+        return AUTO, 0
+    if isinstance(vectorize, str):
+        raise ValueError(f"vectorize={vectorize!r}: pass None (loop), an int (rows per batched backward) or 'auto'.")
+    width = int(vectorize)
+    if width < 0:
+        raise ValueError(f"vectorize={vectorize!r}: the number of rows per batched backward must be >= 0.")
+    return ("batched", width) if width >= 2 else ("loop", 0)
+
+
+def auto_width(device: torch.device, k_dim: int, b: int, d_dim: int, memory_budget: Optional[int]) -> int:
+    """Rows per batched backward that ``vectorize="auto"`` weighs against the loop: 16 on CPU, 64
+    on an accelerator, at most K, and (with a budget) at most what keeps the batched gradient
+    (width × b × D float32) within half the budget. Below 2 there is nothing to batch."""
+    width = min(k_dim, AUTO_WIDTH_CPU if device.type == "cpu" else AUTO_WIDTH_ACCELERATOR)
+    if memory_budget is not None:
+        width = min(width, memory_budget // max(1, 2 * b * d_dim * 4))
+    return width if width >= 2 else 0
+
+
+class _Rows:
+    """Fills Jacobian rows [k0, k0 + r) of every sample into a (b, r, D) buffer from one retained
+    forward graph: the loop (``width`` 0) or ``width`` rows per batched backward. A batching
+    failure (an op without a vmap rule) falls back to the loop, out of memory halves the width.
+    With ``auto`` set, the first :meth:`fill` times both and keeps (and caches) the faster."""
+
+    def __init__(self, z: torch.Tensor, leaf: torch.Tensor, width: int, auto: Optional[tuple] = None):
+        self.z, self.leaf, self.width = z, leaf, width
+        self._auto = auto  # (encoder, key) while a decision is pending
+        self.computed = 0  # Jacobian rows produced (all samples at once), the measurement included
+
+    def fill(self, out: torch.Tensor, k0: int) -> None:
+        done = self._decide(out, k0) if self._auto is not None else 0
+        if done < out.shape[1]:
+            self._fill(out[:, done:], k0 + done)
+
+    def _fill(self, out: torch.Tensor, k0: int) -> None:
+        while self.width >= 2:
+            try:
+                _vjp_rows_batched(self.z, self.leaf, out, self.width, k0)
+                self.computed += out.shape[1]
+                return
+            except NotDifferentiableError:
+                raise
+            except torch.OutOfMemoryError:
+                self.width = self.width // 2 if self.width > 2 else 0
+                if self.z.device.type == "cuda":
+                    torch.cuda.empty_cache()
+            except (RuntimeError, NotImplementedError):
+                self.width = 0  # no batching rule for some op: the loop computes the same rows
+        _vjp_rows_loop(self.z, self.leaf, out, k0)
+        self.computed += out.shape[1]
+
+    def _decide(self, out: torch.Tensor, k0: int) -> int:
+        """Time the loop and the batched backward on this block's first rows (its rows are kept:
+        both compute the same numbers); returns how many leading rows of ``out`` are filled."""
+        encoder, key = self._auto
+        self._auto = None
+        width = min(self.width, out.shape[1])
+        device = self.z.device
+        if width < 2:
+            self.width = 0
+            _cache_put(encoder, key, 0)
+            return 0
+        first = out[:, :width]
+        loop_rows = min(_AUTO_LOOP_ROWS, width)
+        with warnings.catch_warnings():
+            # vmap's "performance drop ... batching rule" notice: the timing below judges that.
+            warnings.simplefilter("ignore", UserWarning)
+            try:
+                _vjp_rows_batched(self.z, self.leaf, first, width, k0)  # warm-up (untimed), kept
+            except NotDifferentiableError:
+                raise
+            except (RuntimeError, NotImplementedError):  # out of memory included
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                self.width = 0
+                _cache_put(encoder, key, 0)
+                return 0
+            t_loop = t_batched = math.inf
+            for _ in range(_AUTO_ROUNDS):
+                t_loop = min(t_loop, _timed(lambda: _vjp_rows_loop(self.z, self.leaf, first[:, :loop_rows], k0), device))
+                t_batched = min(t_batched, _timed(lambda: _vjp_rows_batched(self.z, self.leaf, first, width, k0), device))
+        self.computed += (1 + _AUTO_ROUNDS) * width + _AUTO_ROUNDS * loop_rows
+        self.width = width if t_batched / width < _AUTO_MARGIN * t_loop / loop_rows else 0
+        _cache_put(encoder, key, self.width)
+        return width
+
+
+def _rows_for(encoder, z, leaf, vectorize: Vectorize, memory_budget: Optional[int]) -> _Rows:
+    mode, width = _parse_vectorize(vectorize)
+    if mode != AUTO:
+        return _Rows(z, leaf, width)
+    b, k_dim = z.shape
+    d_dim = leaf[0].numel() if b else 0
+    key = (tuple(leaf.shape), k_dim, str(z.device), z.dtype)
+    cached = _cache_get(encoder, key)
+    if cached is not None:
+        return _Rows(z, leaf, cached)
+    width = auto_width(z.device, k_dim, b, d_dim, memory_budget)
+    if width < 2:
+        _cache_put(encoder, key, 0)
+        return _Rows(z, leaf, 0)
+    return _Rows(z, leaf, width, auto=(encoder, key))
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory-bounded Gram
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """How one micro-batch's Jacobian rows are held while its float64 Gram is accumulated.
+
+    Attributes:
+        held: K <= D: rows held at once in a group (K when the whole Jacobian fits the budget).
+            K > D: 0 (nothing is held; every block is added to Jᵀ J as it comes).
+        stream: rows computed at a time past the held group (0 when one group holds all K);
+            K > D: rows per block.
+        groups: K <= D: held groups, i.e. passes over the rows (1 when all K fit).
+        column_chunk: K <= D: features converted to float64 at once; K > D: rows per float64 piece.
+        vjp_rows: Jacobian rows computed in all (each is one VJP for all b samples): K when the
+            rows fit, K·(groups + 1)/2 when the rows are recomputed group by group.
+        planned_bytes: float32 row buffers + the largest float64 pieces + the Gram, for b samples.
+    """
+
+    held: int
+    stream: int
+    groups: int
+    column_chunk: int
+    vjp_rows: int
+    planned_bytes: int
+
+    @property
+    def chunked(self) -> bool:
+        return self.groups > 1
+
+
+def full_jacobian_bytes(b: int, k_dim: int, d_dim: int) -> int:
+    """Bytes :func:`embedding_and_gram` holds for ``b`` samples when nothing is recomputed: the
+    float32 rows (K·D·4, or one block when K > D), one float64 column chunk of them and the (n, n)
+    float64 Gram, n = min(K, D). Activations kept for the backward passes are not counted. A
+    ``memory_budget`` at least this large means one pass of K VJPs."""
+    n = min(k_dim, d_dim)
+    if k_dim > d_dim:
+        return b * ((4 + 8 // COLUMN_CHUNKS) * k_dim * d_dim + 8 * d_dim + 8 * n * n)
+    return b * (k_dim * (4 * d_dim + 8 * math.ceil(d_dim / COLUMN_CHUNKS)) + 8 * n * n)
+
+
+def plan_rows(b: int, k_dim: int, d_dim: int, memory_budget: Optional[int], width: int = 0) -> RowPlan:
+    """Row blocks that keep the Jacobian buffers of ``b`` samples within ``memory_budget`` bytes.
+
+    K <= D (G = J Jᵀ, K × K): when the K rows fit (:func:`full_jacobian_bytes`), they are held
+    once and G is formed from them. Otherwise rows are held in groups of ``held``; for each group,
+    the rows after it are streamed ``stream`` at a time and the cross blocks G[group, stream] =
+    J_group J_streamᵀ are formed in float64 (the symmetric block mirrored). Rows are recomputed
+    by VJPs on the one retained forward graph: with p = ceil(K / held) groups that is
+    K·(p + 1)/2 row-VJPs in all (p = 2: 1.5 K; 3: 2 K), memory O((held + stream)·D + K²) per
+    sample, and the Gram is the same float64 sum of float32 products as the unchunked one
+    (equal to rounding, ~1e-16 relative).
+
+    K > D (G = Jᵀ J, D × D): blocks of ``stream`` rows are added to G as they come: K VJPs,
+    memory O(stream·D + D²).
+
+    ``width`` (rows per batched backward, 0 for the loop) sets the preferred stream block. The
+    budget is a floor of at least one held and one streamed row: a budget below that is exceeded.
+    """
+    n = min(k_dim, d_dim)
+    gram_bytes = b * n * n * 8
+    if k_dim > d_dim:
+        per_row = b * (4 + 8 // COLUMN_CHUNKS) * d_dim
+        fit = k_dim if memory_budget is None else (memory_budget - gram_bytes) // max(1, per_row)
+        stream = int(max(1, min(k_dim, fit)))
+        piece = math.ceil(stream / COLUMN_CHUNKS)
+        planned = b * (4 * stream * d_dim + 8 * piece * d_dim) + gram_bytes
+        return RowPlan(0, stream, 1, piece, k_dim, planned)
+    chunk = math.ceil(d_dim / COLUMN_CHUNKS)
+    per_row = b * (4 * d_dim + 8 * chunk)
+    if memory_budget is None or full_jacobian_bytes(b, k_dim, d_dim) <= memory_budget:
+        return RowPlan(k_dim, 0, 1, chunk, k_dim, k_dim * per_row + gram_bytes)
+    fit = max(0, (memory_budget - gram_bytes) // max(1, per_row))
+    stream = int(max(1, min(max(width, 8), fit // 4, k_dim - 1)))
+    held = int(max(1, min(fit - stream, k_dim - 1)))
+    while held > 1 and (held + stream) * per_row + gram_bytes + b * held * stream * 8 > memory_budget:
+        held -= 1  # the float64 cross block (held × stream) is part of the budget too
+    groups = math.ceil(k_dim / held)
+    vjp_rows = sum(min(held, k_dim - g0) + (k_dim - min(g0 + held, k_dim)) for g0 in range(0, k_dim, held))
+    planned = (held + stream) * per_row + gram_bytes + b * held * stream * 8
+    return RowPlan(held, stream, groups, chunk, vjp_rows, planned)
+
+
+def _gram64(a: torch.Tensor, c: torch.Tensor, chunk: int) -> torch.Tensor:
+    """a cᵀ (b, r, s) in float64 from float32 rows a (b, r, D), c (b, s, D), converting ``chunk``
+    features at a time: never a whole float64 copy of the rows."""
+    out = None
+    for f0 in range(0, a.shape[-1], chunk):
+        a64 = a[..., f0 : f0 + chunk].to(torch.float64)
+        c64 = a64 if c is a else c[..., f0 : f0 + chunk].to(torch.float64)
+        out = torch.bmm(a64, c64.mT) if out is None else out.baddbmm_(a64, c64.mT)
+    return out
+
+
+def _gram_from_rows(rows: _Rows, plan: RowPlan, b: int, k_dim: int, d_dim: int) -> torch.Tensor:
+    z = rows.z
+    n = min(k_dim, d_dim)
+    if k_dim > d_dim:
+        g = torch.zeros(b, n, n, dtype=torch.float64, device=z.device)
+        buf = torch.empty(b, plan.stream, d_dim, dtype=z.dtype, device=z.device)
+        for c0 in range(0, k_dim, plan.stream):
+            block = buf[:, : min(plan.stream, k_dim - c0)]
+            rows.fill(block, c0)
+            for r0 in range(0, block.shape[1], plan.column_chunk):
+                p64 = block[:, r0 : r0 + plan.column_chunk].to(torch.float64)
+                g.baddbmm_(p64.mT, p64)
+        return g
+    held = torch.empty(b, plan.held, d_dim, dtype=z.dtype, device=z.device)
+    if not plan.chunked:
+        rows.fill(held, 0)
+        return _gram64(held, held, plan.column_chunk)
+    g = torch.empty(b, n, n, dtype=torch.float64, device=z.device)
+    stream = torch.empty(b, plan.stream, d_dim, dtype=z.dtype, device=z.device)
+    for g0 in range(0, k_dim, plan.held):
+        g1 = min(g0 + plan.held, k_dim)
+        h = held[:, : g1 - g0]
+        rows.fill(h, g0)
+        g[:, g0:g1, g0:g1] = _gram64(h, h, plan.column_chunk)
+        for c0 in range(g1, k_dim, plan.stream):
+            c1 = min(c0 + plan.stream, k_dim)
+            s = stream[:, : c1 - c0]
+            rows.fill(s, c0)
+            cross = _gram64(h, s, plan.column_chunk)
+            g[:, g0:g1, c0:c1] = cross
+            g[:, c0:c1, g0:g1] = cross.mT
+    return g
+
+
+def embedding_and_gram(
+    encoder: Callable[..., Any],
     x: torch.Tensor,
     *,
     output: OutputSelector = None,
     pool: Pooling = "mean",
     input_module: Optional[nn.Module] = None,
-    vectorize: Optional[int] = None,
+    vectorize: Vectorize = None,
+    memory_budget: Optional[int] = None,
+    encoder_kwargs: Optional[Dict[str, Any]] = None,
 ):
-    """(z (b, K) detached, J (b, K, D)) for one micro-batch. Call inside ``scoring_context``.
+    """(z (b, K) detached, G (b, n, n) float64, D) for one micro-batch; n = min(K, D). Call inside
+    ``scoring_context``.
 
-    ``vectorize`` = number of Jacobian rows per batched backward pass (``is_grads_batched``); None
-    or 0 loops over rows, which measured fastest on CPU. A batching failure (no vmap rule for an
-    op, e.g. attention on CPU) falls back to the loop.
+    G is ``logdet.gram`` of the float32 Jacobian (J Jᵀ if K <= D, else Jᵀ J), accumulated in
+    float64 from row blocks converted a column chunk at a time, equal to it up to float64 rounding.
+    One forward pass; the Jacobian rows are VJPs on its retained graph.
+
+    Args:
+        vectorize: None/0 loops over rows (one backward each); an int ``w`` >= 2 takes ``w`` rows
+            per vmapped backward (``is_grads_batched``; a batching failure falls back to the loop,
+            out of memory halves ``w``); ``"auto"`` times the loop against batched rows (16 per
+            backward on CPU, 64 on an accelerator) on the first micro-batch of each (encoder,
+            input shape, device) and keeps the faster for every later call (see
+            :func:`cached_vectorize_decisions`). The rows are the same numbers whichever is used.
+        memory_budget: bytes for the Jacobian rows, their float64 pieces and the Gram (not the
+            activations). When b·K·D float32 rows do not fit, rows are held in groups and
+            recomputed (:func:`plan_rows`: K·(p+1)/2 row-VJPs for p groups). None: no bound.
+        encoder_kwargs: extra keyword tensors for the encoder, already sliced to this micro-batch
+            (e.g. ``attention_mask``).
     """
-    leaf, z = differentiable_forward(encoder, x, output=output, pool=pool, input_module=input_module)
+    leaf, z = differentiable_forward(
+        encoder, x, output=output, pool=pool, input_module=input_module, encoder_kwargs=encoder_kwargs
+    )
     b, k_dim = z.shape
-    jac = torch.empty(b, k_dim, leaf[0].numel(), dtype=z.dtype, device=z.device)
-    if vectorize:
-        try:
-            _vjp_rows_batched(z, leaf, jac, vectorize)
-        except NotDifferentiableError:
-            raise
-        except RuntimeError:
-            _vjp_rows_loop(z, leaf, jac)
-    else:
-        _vjp_rows_loop(z, leaf, jac)
+    d_dim = math.prod(leaf.shape[1:])
+    rows = _rows_for(encoder, z, leaf, vectorize, memory_budget)
+    plan = plan_rows(b, k_dim, d_dim, memory_budget, width=max(rows.width, 0))
+    g = _gram_from_rows(rows, plan, b, k_dim, d_dim)
+    return z.detach(), g, d_dim
+
+
+def embedding_and_jacobian(
+    encoder: Callable[..., Any],
+    x: torch.Tensor,
+    *,
+    output: OutputSelector = None,
+    pool: Pooling = "mean",
+    input_module: Optional[nn.Module] = None,
+    vectorize: Vectorize = None,
+    encoder_kwargs: Optional[Dict[str, Any]] = None,
+):
+    """(z (b, K) detached, J (b, K, D)) for one micro-batch, the whole Jacobian at once (no memory
+    bound: prefer :func:`embedding_and_gram`). Call inside ``scoring_context``. ``vectorize`` as
+    in :func:`embedding_and_gram`."""
+    leaf, z = differentiable_forward(
+        encoder, x, output=output, pool=pool, input_module=input_module, encoder_kwargs=encoder_kwargs
+    )
+    b, k_dim = z.shape
+    jac = torch.empty(b, k_dim, math.prod(leaf.shape[1:]), dtype=z.dtype, device=z.device)
+    _rows_for(encoder, z, leaf, vectorize, None).fill(jac, 0)
     return z.detach(), jac

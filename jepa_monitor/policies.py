@@ -202,7 +202,7 @@ class Policy(Protocol):
 
 
 COUNT_KEYS = (
-    "batches", "active_batches", "anomalous_batches", "rows", "rows_dropped", "rows_not_applied",
+    "batches", "active_batches", "anomalous_batches", "rows_seen", "rows_dropped", "rows_not_applied",
     "rows_scored", "rows_gated", "rows_estimated", "rows_capped", "rows_nonfinite", "rows_outside_gate",
     "weight_sum", "calibrations_refused",
 )
@@ -239,7 +239,7 @@ class ThresholdPolicy:
     State (``state_dict``): ``threshold``, ``reference_median`` and ``reference_low`` (the reference's
     median and ``quantile``-quantile), ``anomaly_cutoff``, ``jacobian_range`` and ``jacobian_center``
     (the gate), ``calibrated_step``, and ``counts``: ``batches``, ``active_batches``,
-    ``anomalous_batches``, ``rows``, ``rows_dropped`` (removed from training), ``rows_not_applied``
+    ``anomalous_batches``, ``rows_seen``, ``rows_dropped`` (removed from training), ``rows_not_applied``
     (dropped by the decision, kept by an uneditable batch), ``rows_scored`` (Jacobian computed),
     ``rows_gated`` (decided exactly from the embedding), ``rows_estimated`` (decided from the
     estimate by the budget), ``rows_capped`` (kept by ``min_keep``/``max_drop_fraction``),
@@ -410,7 +410,7 @@ class ThresholdPolicy:
         self.counts["batches"] += 1
         scores = torch.full((n,), float("nan"), dtype=torch.float32, device=device)
         if not self.is_active(step, trust):
-            self.counts["rows"] += n
+            self.counts["rows_seen"] += n
             self.counts["weight_sum"] += n
             return Decision(torch.ones(n, dtype=torch.bool, device=device), torch.ones(n, device=device),
                             scores, 1.0, False)
@@ -465,7 +465,7 @@ class ThresholdPolicy:
         weight = weight * batch_weight
         gated = n - int(rows.numel()) - estimated if cheap is not None else 0
         self.counts["active_batches"] += 1
-        self.counts["rows"] += n
+        self.counts["rows_seen"] += n
         self.counts["rows_dropped"] += int((~keep).sum())
         self.counts["rows_scored"] += int(rows.numel())
         self.counts["rows_gated"] += gated

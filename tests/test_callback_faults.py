@@ -42,8 +42,9 @@ def _int_heldout():
     [
         (dict(encoder="backbone.trunk"), r"encoder='backbone.trunk'.*no attribute 'backbone'.*\['encoder', 'head'\]"),
         (dict(encoder="encoder.trunk"), r"CountingModule.encoder has no attribute 'trunk'"),
-        (dict(input_key="image"), r"input_key='image' is not in the batch; its keys are \['x', 'id'\]"),
-        (dict(id_key="uid"), r"id_key='uid' is not in the batch"),
+        (dict(input_key="image"), r"input_key='image': 'image' is not a key of the batch \(keys: \['x', 'id'\]\)\. "
+                                  r"Tensors in this batch: x \(7, 6\), id \(7,\)"),
+        (dict(id_key="uid"), r"id_key='uid': 'uid' is not a key of the batch"),
         (dict(heldout=DataLoader(DictData(3), batch_size=4, drop_last=True)), r"heldout yielded no samples"),
         (dict(heldout=torch.empty(0, 6)), r"heldout yielded no samples|has no rows"),
         (dict(encoder=lambda m: DictOut(m.encoder)), r"returned a dict with keys \['z'\]; pass output=<key>"),
@@ -64,7 +65,7 @@ def test_training_batch_checked_before_its_step(tmp_path):
     model = CountingModule()
     cb = monitor(heldout=DictData(6, augment=False).x, input_key="x")
     loader = DataLoader([{"inp": torch.zeros(6)}] * 4, batch_size=2)
-    with pytest.raises(MisconfigurationException, match=r"training batch.*input_key='x' is not in the batch; its keys are \['inp'\]"):
+    with pytest.raises(MisconfigurationException, match=r"training batch.*input_key='x': 'x' is not a key of the batch \(keys: \['inp'\]\)"):
         trainer(tmp_path, [cb]).fit(model, loader)
     assert model.steps == 0
 
@@ -110,7 +111,7 @@ def test_fault_becomes_warning_and_training_continues(tmp_path):
     assert model.steps == 6 and not cb.disabled
     # 1 reference + 3 held-out + 6 incoming measurements, one of them skipped
     assert len(cb.history) == 1 + 3 + 6 - 1
-    assert cb.state_dict()["failures_total"] == 1 and cb.state_dict()["failures"] == 0
+    assert cb.state_dict()["failures"] == {"consecutive": 0, "total": 1, "disabled": False}
 
 
 def test_repeated_faults_disable_the_monitor_loudly(tmp_path):
@@ -124,7 +125,7 @@ def test_repeated_faults_disable_the_monitor_loudly(tmp_path):
     assert sum("DISABLED after 3 consecutive scoring failures" in m for m in msgs) == 1
     assert cb.disabled and model.steps == 6
     assert box["flaky"].calls == 1 + 3  # nothing is scored once disabled
-    assert cb.state_dict()["disabled"]
+    assert cb.state_dict()["failures"]["disabled"]
 
 
 def test_nonfinite_rows_are_counted_not_fatal(tmp_path):
@@ -137,7 +138,7 @@ def test_nonfinite_rows_are_counted_not_fatal(tmp_path):
     assert all(h["mean"] == h["mean"] for h in cb.history)  # finite summaries despite the NaN row
 
 
-def test_drift_alert_on_shifted_incoming_data(tmp_path):
+def test_data_shift_alert_on_shifted_incoming_data(tmp_path):
     pl.seed_everything(0)
     cb = monitor(incoming_every_n_steps=1, incoming_max_rows=8, drift_threshold=0.5)
     shifted = DictData(48)
@@ -145,11 +146,12 @@ def test_drift_alert_on_shifted_incoming_data(tmp_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer(tmp_path, [cb]).fit(TinyModule(), DataLoader(shifted, batch_size=8))
-    alerts = [str(w.message) for w in caught if "drift alert on incoming" in str(w.message)]
+    alerts = [str(w.message) for w in caught if "data shift alert" in str(w.message)]
     assert len(alerts) == 1  # raised when it turns on, not at every batch
-    incoming = [h for h in cb.history if h["split"] == "incoming"]
-    assert all(h["drift_ks"] > 0.5 for h in incoming)
-    assert cb.state_dict()["alerts"]["incoming"] is True
+    # Compared only where held-out scores of the same weights exist: batches 0, 2 and 4.
+    compared = [h for h in cb.history if h["split"] == "incoming" and h["drift_ks"] is not None]
+    assert [h["batch"] for h in compared] == [0, 2, 4] and all(h["drift_ks"] > 0.5 for h in compared)
+    assert cb.state_dict()["alerts"]["data_shift"] is True
 
 
 def test_bad_arguments_fail_at_construction():
@@ -167,11 +169,11 @@ def test_policy_calibration_on_nonfinite_scores_does_not_raise():
     from jepa_monitor.callbacks import JEPAScoreMonitor
     from jepa_monitor.policies import Drop
 
-    policy = Drop()
+    policy = Drop(warmup=0)
     mon = JEPAScoreMonitor(heldout=torch.zeros(4, 3), policy=policy)
     nan = torch.full((4,), float("nan"))
     with pytest.warns(UserWarning, match="calibration skipped"):
-        mon._calibrate_policy({"jepa_score": nan, "log_prior": nan, "log_density": nan})
+        mon._calibrate({"jepa_score": nan, "log_prior": nan, "log_density": nan}, trust=None)
     assert policy.threshold is None
 
 

@@ -27,6 +27,12 @@ def workdir(tmp_path, monkeypatch):
         encoder = torch.nn.Linear({D}, {K}).double()
         data = torch.randn(10, {D}, dtype=torch.float64)
         dataset = torch.utils.data.TensorDataset(data, torch.arange(100, 110))
+        # stable-pretraining 0.1.8 items (a dict with per-view dicts) and lightly 1.6.0 items
+        # ((views, target, filename)); the default collate nests them as those libraries' batches.
+        spt = [{{"views": [{{"image": data[i].float(), "label": i % 3, "sample_idx": 200 + i}},
+                           {{"image": data[i].float() + 1, "label": i % 3, "sample_idx": 200 + i}}]}}
+               for i in range(10)]
+        lightly = [([data[i].float(), data[i].float() + 1], i % 3, f"img{{i}}.png") for i in range(10)]
 
         class Net(L.LightningModule):
             def __init__(self, d={D}, k={K}):
@@ -102,6 +108,51 @@ def test_score_tensor_file_dict_with_keys_and_a_dataset(workdir, capsys):
     cols = read_scores(workdir / "t.csv")
     assert cols["sample_id"].tolist() == [str(i) for i in range(100, 110)]
     np.testing.assert_allclose(cols["jepa_score"], score.numpy(), atol=1e-4)
+
+
+def test_score_nested_batches_by_path(workdir, capsys):
+    import cli_fixture_mod as m
+
+    score, _ = expected_linear(m.encoder.weight, m.encoder.bias, m.data)
+    torch.save({"views": [{"image": m.data.float(), "sample_idx": torch.arange(300, 310)}]}, workdir / "n.pt")
+    cases = [
+        ("n.pt", "views.0.image", "views.0.sample_idx", [str(i) for i in range(300, 310)]),
+        ("cli_fixture_mod:spt", "views.0.image", "views.1.sample_idx", [str(i) for i in range(200, 210)]),
+        ("cli_fixture_mod:lightly", "0.0", "2", [f"img{i}.png" for i in range(10)]),
+    ]
+    for i, (data, input_key, id_key, ids) in enumerate(cases):
+        code, _, err = run(["score", "--encoder", "cli_fixture_mod:encoder", "--data", data, "--input-key", input_key,
+                            "--id-key", id_key, "--out", f"n{i}.csv", "--batch-size", "4"], capsys)
+        assert code == 0, (data, err)
+        cols = read_scores(workdir / f"n{i}.csv")
+        assert cols["sample_id"].tolist() == ids, data
+        np.testing.assert_allclose(cols["jepa_score"], score.numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "data, keys, needles",
+    [
+        ("cli_fixture_mod:spt", ["--input-key", "views.0.img"],
+         ["'img' is not a key of views.0", "views.0.image (4, 6)", "views.1.sample_idx (4,)"]),
+        ("cli_fixture_mod:spt", [], ["choose one with --input-key", "views.0.image (4, 6)"]),
+        ("cli_fixture_mod:spt", ["--input-key", "views.2.image"], ["index 2 is past the end of views"]),
+        ("cli_fixture_mod:lightly", [], ["--input-key=0 selects a list, not a tensor", "0.1 (4, 6)"]),
+        ("cli_fixture_mod:lightly", ["--input-key", "0.0", "--id-key", "3"],
+         ["--id-key='3': index 3 is past the end", "Tensors and lists in this batch: 0.0 (4, 6)",
+          "2 (tuple of 4 str)"]),
+        ("n.pt", ["--input-key", "views.0.image", "--id-key", "views.0.sample_idx"],
+         ["--id-key='views.0.sample_idx' holds 9 ids for a batch of 10 rows"]),
+    ],
+)
+def test_score_wrong_paths_list_what_the_batch_holds(workdir, capsys, data, keys, needles):
+    torch.save({"views": [{"image": torch.zeros(10, D), "sample_idx": torch.arange(9)}]}, workdir / "n.pt")
+    code, _, err = run(["score", "--encoder", "cli_fixture_mod:encoder", "--data", data, *keys,
+                        "--out", "w.csv", "--batch-size", "4"], capsys)
+    assert code == 2
+    last = [line for line in re.split(r"[\r\n]", err) if line.strip()][-1]
+    assert last.startswith("jepa-monitor: error: ") and "Traceback" not in err
+    for needle in needles:
+        assert needle in last, (needle, last)
 
 
 def test_score_from_a_lightning_checkpoint(workdir, capsys):

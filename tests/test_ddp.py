@@ -76,7 +76,7 @@ SCRIPT = textwrap.dedent(
     train = [[x[i], i] for i in range(rank, 14, 2)]   # list batches: the policy edits them in place
     cb = JEPAScoreMonitor(encoder, heldout, every_n_steps=2, input_key=0, id_key=1,
                           incoming_every_n_steps=1, incoming_max_rows=3, score_options={"batch_size": 64},
-                          policy=Drop(quantile=0.05))
+                          policy=Drop(quantile=0.05, warmup=0, min_keep=1, max_drop_fraction=1.0))
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False,
                          use_distributed_sampler=False,
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
@@ -88,7 +88,7 @@ SCRIPT = textwrap.dedent(
         json.dump({"reference": cb.reference["jepa_score"].tolist(), "history": cb.history,
                    "export": cb.export_file, "batches": cb.state_dict()["batches"],
                    "rows": module.rows, "dropped": cb.policy.counts["rows_dropped"],
-                   "failures": cb.state_dict()["failures_total"]}, fh)
+                   "failures": cb.state_dict()["failures"]["total"]}, fh)
     # Tear the gloo group down before interpreter exit: left to the atexit order, its threads can
     # abort the process ("terminate called without an active exception") after a successful run.
     if torch.distributed.is_initialized():

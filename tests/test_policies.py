@@ -102,7 +102,7 @@ def test_threshold_comes_from_the_reference_not_the_batch():
     junk = policy.decide_batch(table_scorer(), rows([-9.0, 1.0, 4.0, -3.0]), step=1)
     assert junk.keep.tolist() == [False, False, True, False]
     assert junk.weight.tolist() == [0.0, 0.0, 1.0, 0.0]
-    assert policy.counts["rows_dropped"] == 8 and policy.counts["rows"] == 104
+    assert policy.counts["rows_dropped"] == 8 and policy.counts["rows_seen"] == 104
 
 
 def test_mapping_reference_and_absolute_threshold():

@@ -61,7 +61,7 @@ def test_long_dense_run_is_stable(tmp_path):
     monitor = JEPAScoreMonitor(
         encoder="encoder", heldout=torch.randn(128, D, generator=torch.Generator().manual_seed(1)),
         input_key="x", id_key="id", every_n_steps=every, incoming_every_n_steps=incoming_every,
-        policy=Drop(quantile=0.05), max_failures=1,
+        policy=Drop(quantile=0.05, warmup=0), max_failures=1,
     )
     model = Module()
     trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,

@@ -1,0 +1,88 @@
+"""Curation inside the training loop: decide with the policy, edit the batch, count, buffer exports.
+
+No collective call happens here (decisions are local to each rank), so curation faults are counted
+per rank, and the rows it touched are buffered and written at the next held-out evaluation.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Dict, List, Mapping, Optional
+
+import torch
+
+from jepa_monitor.batches import Key, apply_decision, get_ids, get_input
+from jepa_monitor.monitoring import MetricKeys
+from jepa_monitor.scores import COMPONENTS
+
+from ._failures import FailureCounter
+from ._heldout import side_inputs
+
+
+class Curation:
+    """The policy of one monitor, applied to training batches."""
+
+    def __init__(self, policy: Any, keys: MetricKeys, tag: str, *, input_key: Key, id_key: Key,
+                 side_keys: Mapping[str, Key], weight_key: str, max_failures: int) -> None:
+        self.policy, self.keys = policy, keys
+        self.input_key, self.id_key, self.side_keys, self.weight_key = input_key, id_key, side_keys, weight_key
+        self.failures = FailureCounter(
+            tag, "curation", "curating training batch", "the batch trains unfiltered",
+            "curation is off and batches train unfiltered from now on on this rank (monitoring continues).", max_failures,
+        )
+        self.pending: List[Dict[str, Any]] = []
+
+    def curate(self, scorer: Any, batch: Any, *, batch_index: int, step: int,
+               trust: Optional[float]) -> Optional[Dict[str, Any]]:
+        """Decide for ``batch`` and edit it in place; returns what to log (None: nothing decided).
+        Seconds spent are in the result's ``seconds``."""
+        start = time.perf_counter()
+        try:
+            x = get_input(batch, self.input_key)
+            ids = get_ids(batch, self.id_key, x.shape[0])
+            side = side_inputs(batch, self.side_keys)
+            with torch.inference_mode(False), torch.no_grad():
+                decision = self.policy.decide_batch(scorer, x, batch_index, trust, side=side)
+        except Exception as err:
+            self.failures.failed(f"{batch_index}", err)
+            return {"seconds": time.perf_counter() - start}
+        self.failures.succeeded()
+        # Editing the batch is not a measurement: an error here is a bug and must surface rather
+        # than train on a half-edited batch.
+        edit = apply_decision(batch, decision, input_key=self.input_key, weight_key=self.weight_key,
+                              mode=self.policy.mode)
+        keep = decision.keep.detach().cpu().bool()
+        weight = decision.weight.detach().cpu().float()
+        if edit.not_applied:
+            # Training sees these rows: the counters and the export must say so.
+            if hasattr(self.policy, "record_not_applied"):
+                self.policy.record_not_applied(edit.not_applied)
+            keep = torch.ones_like(keep)
+        touched = (~keep) | (weight < 1)
+        if touched.any():
+            sel = touched.nonzero().reshape(-1)
+            score_key = self.policy.score_key
+            self.pending.append({
+                "step": step,
+                "ids": [ids[i] for i in sel.tolist()] if ids is not None else None,
+                "scores": {score_key: decision.scores.detach().cpu().double()[sel].tolist()} if score_key in COMPONENTS else {},
+                "kept": keep[sel].int().tolist(),
+                "weight": weight[sel].tolist(),
+            })
+        return {"seconds": time.perf_counter() - start, "keep": keep, "weight": weight, "decision": decision}
+
+    def metrics(self, result: Mapping[str, Any]) -> Dict[str, float]:
+        """This batch's decision and every counter of the policy (``<counter>_total``)."""
+        k, d = self.keys, result["decision"]
+        out = {
+            k.policy("fraction_dropped"): float((~result["keep"]).float().mean()),
+            k.policy("mean_weight"): float(result["weight"].mean()),
+            k.policy("batch_weight"): float(d.batch_weight),
+            k.policy("active"): float(bool(d.active)),
+        }
+        out.update({k.policy(f"{name}_total"): float(v) for name, v in self.policy.counts.items()})
+        return out
+
+    def take_pending(self) -> List[Dict[str, Any]]:
+        rows, self.pending = self.pending, []
+        return rows
