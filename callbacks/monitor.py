@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import os
 import time
-import warnings
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import torch
@@ -19,18 +18,21 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from jepa_monitor import monitoring as mon
-from jepa_monitor.batches import Key, get_ids, get_input, looks_like_images
+from jepa_monitor.batches import Key, get_ids, get_input
 from jepa_monitor.diagnostics import trust_rows
-from jepa_monitor.export import FORMATS, ScoreExporter, export_path
 from jepa_monitor.scorer import Scorer
 from jepa_monitor.scores import COMPONENTS
 
+from ._config import check_arguments
 from ._curation import Curation
 from ._distributed import gather_objects, gather_rows
 from ._failures import FailureCounter
 from ._heldout import HeldoutSet, load_heldout, side_inputs
-from ._tensorboard import first_writer_dir, summary_writers, write_extremes, write_histograms
+from ._reporting import Reporter
+from ._tensorboard import write_histograms
 
+ALERT_MEANING = {"data_shift": "incoming rows differ from held-out rows scored with the same weights",
+                 "model_change": "the held-out scores moved since the last evaluation"}
 #: Most held-out rows read for the embedding-only trust diagnostics when ``trust_samples="auto"``.
 MAX_TRUST_SAMPLES = 4096
 
@@ -149,32 +151,11 @@ class JEPAScoreMonitor(Callback):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if heldout is None:
-            raise ValueError("JEPAScoreMonitor needs heldout=<DataLoader or tensor of held-out samples>.")
-        if not (isinstance(encoder, str) or callable(encoder)):
-            raise TypeError("encoder must be a dotted attribute path on the LightningModule or a callable module -> encoder.")
-        for label, value in (("every_n_steps", every_n_steps), ("heldout_max_samples", heldout_max_samples),
-                             ("incoming_max_rows", incoming_max_rows), ("max_failures", max_failures)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{label} must be a positive integer; got {value!r}.")
-        if incoming_every_n_steps is not None and (not isinstance(incoming_every_n_steps, int) or incoming_every_n_steps < 1):
-            raise ValueError(f"incoming_every_n_steps must be a positive integer or None; got {incoming_every_n_steps!r}.")
-        if trust_samples != "auto" and not (isinstance(trust_samples, int) and trust_samples >= 0):
-            raise ValueError(f"trust_samples must be 'auto' or a number of rows; got {trust_samples!r}.")
-        if not components or any(c not in COMPONENTS for c in components):
-            raise ValueError(f"components={tuple(components)!r}: choose one or more of {COMPONENTS}.")
-        if drift_component not in COMPONENTS:
-            raise ValueError(f"drift_component={drift_component!r} is not one of {COMPONENTS}.")
-        if any(a not in mon.ALERTS for a in alert_on):
-            raise ValueError(f"alert_on={tuple(alert_on)!r}: choose from {mon.ALERTS}.")
-        export = "csv" if export is True else export
-        if export not in (False, *FORMATS):
-            raise ValueError(f"export={export!r}: use True/'csv', 'parquet' or False.")
-        if export == "parquet":
-            try:
-                import pyarrow  # noqa: F401
-            except ModuleNotFoundError as err:
-                raise ModuleNotFoundError("export='parquet' needs pyarrow: pip install pyarrow, or use export='csv'.") from err
+        export = check_arguments(
+            heldout=heldout, encoder=encoder, every_n_steps=every_n_steps, heldout_max_samples=heldout_max_samples,
+            incoming_max_rows=incoming_max_rows, max_failures=max_failures, incoming_every_n_steps=incoming_every_n_steps,
+            trust_samples=trust_samples, components=components, drift_component=drift_component, alert_on=alert_on,
+            export=export)
         policy_key = getattr(policy, "weight_key", "sample_weight")
         if policy_key != "sample_weight" and weight_key not in ("sample_weight", policy_key):
             raise ValueError(f"weight_key={weight_key!r} on the monitor and {policy_key!r} on the policy differ; set it in one place.")
@@ -187,6 +168,8 @@ class JEPAScoreMonitor(Callback):
         self.components, self.score_options, self.policy = tuple(components), dict(score_options or {}), policy
         self.drift_component, self.drift_threshold, self.alert_on = drift_component, drift_threshold, tuple(alert_on)
         self.num_images, self.export, self.seed = num_images, export, seed
+        self.report = Reporter(self.keys, self._tag, components=self.components, image_component=drift_component,
+                               num_images=num_images, export=export)
         self.weight_key = policy_key if policy_key != "sample_weight" else weight_key
         self.curation = None if policy is None else Curation(
             policy, self.keys, self._tag, input_key=input_key, id_key=id_key, side_keys=self.side_keys,
@@ -196,20 +179,16 @@ class JEPAScoreMonitor(Callback):
             "no more scores are measured or logged and no batch is curated in this run; fix the cause and "
             "restart (the state is in the checkpoint).", max_failures)
         # persisted (state_dict)
+        self.tracker = mon.ScoreTracker(self.keys, components=self.components, drift_component=drift_component,
+                                        threshold=drift_threshold)
         self._batches = 0
-        self._anchor: Optional[Dict[str, torch.Tensor]] = None
-        self._anchor_trusted = False
-        self._latest: Optional[Dict[str, torch.Tensor]] = None
-        self._latest_batch = -1
         self._history: List[Dict[str, Any]] = []
         self._seconds_total = 0.0
-        self._alerts: Dict[str, bool] = {}
+        self._warnings_on: Dict[str, bool] = {}  # trust / agreement warnings: once per episode
         self._trust: Optional[float] = None
         self._generator = torch.Generator().manual_seed(seed)
         # per process
         self._data: Optional[HeldoutSet] = None
-        self._exporter: Optional[ScoreExporter] = None
-        self._warned: set = set()
         self._t0: Optional[float] = None
         self._seconds_run = 0.0
         self._checked_batch = False
@@ -226,7 +205,7 @@ class JEPAScoreMonitor(Callback):
     @property
     def reference(self) -> Optional[Dict[str, torch.Tensor]]:
         """The anchor of the model-change distances: held-out scores per component (None before fit)."""
-        return self._anchor
+        return self.tracker.anchor
 
     @property
     def history(self) -> List[Dict[str, Any]]:
@@ -238,21 +217,17 @@ class JEPAScoreMonitor(Callback):
         return self.failures.disabled
 
     @property
-    def _distance_components(self) -> tuple:
-        """Logged components, and the one the alerts read."""
-        return tuple(dict.fromkeys((*self.components, self.drift_component)))
-
-    @property
     def export_file(self) -> Optional[str]:
         """Path of the per-sample export once something was written (rank 0)."""
-        return None if self._exporter is None else str(self._exporter.path)
+        return None if self.report.exporter is None else str(self.report.exporter.path)
 
-    _STATE = ("_batches", "_anchor", "_anchor_trusted", "_latest", "_latest_batch", "_seconds_total", "_alerts", "_trust")
+    _STATE = ("_batches", "_seconds_total", "_warnings_on", "_trust")
 
     def state_dict(self) -> Dict[str, Any]:
         state = {k.lstrip("_"): getattr(self, k) for k in self._STATE}
         state.update(version=2, history=list(self._history), generator=self._generator.get_state(),
-                     failures=self.failures.state_dict())
+                     failures=self.failures.state_dict(), tracker=self.tracker.state_dict(),
+                     alerts=dict(self.tracker.alerts))
         if self.curation is not None:
             state["policy"] = self.policy.state_dict()
             state["curation_failures"] = self.curation.failures.state_dict()
@@ -262,6 +237,7 @@ class JEPAScoreMonitor(Callback):
         for k in self._STATE:
             setattr(self, k, state_dict[k.lstrip("_")])
         self._history = list(state_dict["history"])
+        self.tracker.load_state_dict(state_dict["tracker"])
         self._generator.set_state(state_dict["generator"])
         self.failures.load_state_dict(state_dict["failures"])
         if self.curation is not None and "policy" in state_dict:
@@ -336,13 +312,13 @@ class JEPAScoreMonitor(Callback):
         self._t0, self._seconds_run, self._checked_batch = time.perf_counter(), 0.0, False
         self._prepare(pl_module)
         if not trainer.loggers:
-            self._warn_once("nologger", f"{self._tag}: the Trainer has no logger; scores are exported to "
+            self.report.warn_once("nologger", f"{self._tag}: the Trainer has no logger; scores are exported to "
                             f"{trainer.default_root_dir} but not logged.")
-        for writer in self._writers(trainer):
+        for writer in self.report.writers(trainer):
             writer.add_custom_scalars(mon.custom_scalars_layout(self.keys, self.components, self.policy is not None))
-        if not self.disabled and self._anchor is None:
+        if not self.disabled and self.tracker.anchor is None:
             self._heldout_evaluation(trainer, pl_module, "heldout", strict=True)
-        elif self._anchor is not None:  # resumed: only check that the configuration still scores
+        elif self.tracker.anchor is not None:  # resumed: only check that the configuration still scores
             try:
                 x, side = self._data.rows(torch.arange(min(2, self._data.num_rows)), pl_module.device)
                 self.scorer(pl_module).score(x, **side)
@@ -355,7 +331,7 @@ class JEPAScoreMonitor(Callback):
         if self.disabled:
             return
         b = self._batches
-        if self.curation is not None and self._latest_batch != b and self.policy.needs_refresh(b):
+        if self.curation is not None and self.tracker.latest_batch != b and self.policy.needs_refresh(b):
             self._heldout_evaluation(trainer, pl_module, "heldout", strict=False)
         if self.incoming_every_n_steps is not None and b % self.incoming_every_n_steps == 0 and not self.disabled:
             self._incoming_evaluation(trainer, pl_module, batch)
@@ -363,8 +339,10 @@ class JEPAScoreMonitor(Callback):
             result = self.curation.curate(self.scorer(pl_module), batch, batch_index=b, step=trainer.global_step, trust=self._trust)
             self._add_seconds(result["seconds"])
             if "decision" in result and trainer.log_every_n_steps and b % trainer.log_every_n_steps == 0:
-                self._log(trainer, self.curation.metrics(result))
-                write_histograms(self._writers(trainer), {self.keys.hist("policy", "weight"): result["weight"]}, trainer.global_step)
+                with self.report.guard("curated batch", b):
+                    self.report.log(trainer, self.curation.metrics(result))
+                    write_histograms(self.report.writers(trainer), {self.keys.hist("policy", "weight"): result["weight"]},
+                                     trainer.global_step)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         # Scored after the step, with the weights the next batch's incoming rows will see: no optimizer
@@ -375,7 +353,7 @@ class JEPAScoreMonitor(Callback):
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self._flush_curated(trainer)
-        self._close()
+        self.report.close()
 
     def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if str(trainer.state.fn) in ("validate", "TrainerFn.VALIDATING") and not trainer.sanity_checking:
@@ -386,17 +364,17 @@ class JEPAScoreMonitor(Callback):
             self._evaluate_stage(trainer, pl_module, "test")
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        self._close()
+        self.report.close()
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        self._close()
+        self.report.close()
 
     def _evaluate_stage(self, trainer: Any, pl_module: Any, split: str) -> None:
         self._prepare(pl_module)
         self._t0 = self._t0 or time.perf_counter()
         if not self.disabled:
             self._heldout_evaluation(trainer, pl_module, split, strict=False)
-        self._close()
+        self.report.close()
 
     # ------------------------------------------------------------------ measurements
     def _measure(self, trainer: Any, compute: Callable[[], torch.Tensor], what: str, strict: bool) -> Optional[mon.Measurement]:
@@ -434,33 +412,25 @@ class JEPAScoreMonitor(Callback):
             self._flush_curated(trainer)
             return
         m = m.sorted_by_index()
-        with self._reporting(f"{split} set"):
-            metrics = mon.summary_metrics(k, split, m, self.components)
+        with self.report.guard(f"{split} set", self._batches):
+            trust = self._trust_evaluation(pl_module, m) if split == "heldout" else None
+            metrics, turned_on = self.tracker.heldout(split, m, self._batches, None if trust is None else trust.trust)
             metrics.update(self._rank_deficiency(split, m))
-            if split == "heldout":
-                trust = self._trust_evaluation(trainer, pl_module, m)
+            if trust is not None:
                 metrics.update(trust.metrics)
-                if self._anchor is None or (not self._anchor_trusted and mon.is_trusted(trust.trust)):
-                    self._anchor, self._anchor_trusted = dict(m.scores), mon.is_trusted(trust.trust)
-                if self._latest is not None:
-                    metrics.update(mon.distance_metrics(k, split, m.scores, self._latest, "change", self._distance_components))
-                    on = mon.alert(metrics[k.stat(split, self.drift_component, "change_ks")], self.drift_threshold)
-                    metrics.update(self._alert("model_change", on, "the held-out scores moved since the last evaluation"))
-                self._latest, self._latest_batch = dict(m.scores), self._batches
                 if self.curation is not None:
                     self._calibrate(m.scores, trust.trust)
-            if self._anchor is not None:
-                metrics.update(mon.distance_metrics(k, split, m.scores, self._anchor, "drift", self._distance_components))
+            self._warn_alerts(turned_on)
             metrics.update(self._time_metrics(m.seconds))
             self._history.append(mon.history_entry(k, self._batches, trainer.global_step, split, self.drift_component, metrics))
-            self._log(trainer, metrics)
-            self._write_scores(trainer, split, m.scores, data.x[m.index])
-            self._export(trainer, trainer.global_step, split, m.num_rows, sample_ids=[data.ids[i] for i in m.index.tolist()],
-                         scores=m.scores, n_floored=m.n_floored)
+            self.report.log(trainer, metrics)
+            self.report.scores(trainer, split, m.scores, data.x[m.index])
+            self.report.rows(trainer, trainer.global_step, split, m.num_rows, sample_ids=[data.ids[i] for i in m.index.tolist()],
+                             scores=m.scores, n_floored=m.n_floored)
         if split == "heldout":
             self._flush_curated(trainer)
 
-    def _trust_evaluation(self, trainer: Any, pl_module: Any, m: mon.Measurement) -> mon.TrustResult:
+    def _trust_evaluation(self, pl_module: Any, m: mon.Measurement) -> mon.TrustResult:
         """Trust from the embeddings of every kept held-out row (a forward pass each, on every rank
         alike: the trust that gates curation must be the same everywhere). Never reused stale."""
         self._trust = None
@@ -473,25 +443,25 @@ class JEPAScoreMonitor(Callback):
         result = mon.trust_metrics(self.keys, z, m.scores)
         self._trust = result.trust
         if math.isnan(result.trust):
-            self._warn_once("trust-unknown", f"{self._tag}: trust is unknown at training batch {self._batches} "
+            self.report.warn_once("trust-unknown", f"{self._tag}: trust is unknown at training batch {self._batches} "
                             f"({result.weakest}); the trust diagnostics need more embedded held-out rows than K. "
                             "Give a larger held-out set (trust_samples='auto' uses 4·K rows).")
         low = mon.is_trusted(result.trust) is False and not math.isnan(result.trust)
-        if low and not self._alerts.get("trust", False):
+        if low and not self._warnings_on.get("trust", False):
             rank_zero_warn(f"{self._tag}: trust {result.trust:.2f} at training batch {self._batches}: the held-out "
                            f"embeddings are far from N(0, I) (weakest diagnostic: {result.weakest}), so the scores "
                            "cannot be read as a density yet.")
-        self._alerts["trust"] = low
-        if result.disagreeing and not self._alerts.get("agreement", False):
+        self._warnings_on["trust"] = low
+        if result.disagreeing and not self._warnings_on.get("agreement", False):
             rank_zero_warn(f"{self._tag}: scores disagree sharply on the held-out set (Spearman < 0.1): "
                            f"{', '.join(result.disagreeing)}.")
-        self._alerts["agreement"] = bool(result.disagreeing)
+        self._warnings_on["agreement"] = bool(result.disagreeing)
         return result
 
     def _rank_deficiency(self, split: str, m: mon.Measurement) -> Dict[str, float]:
         metrics, info = mon.rank_deficiency_metrics(self.keys, split, m)
         if info.get("systematic"):
-            self._warn_once("rank", f"{self._tag}: {info['typical_floored']} of {int(m.rank_dim.max())} singular values are "
+            self.report.warn_once("rank", f"{self._tag}: {info['typical_floored']} of {int(m.rank_dim.max())} singular values are "
                             f"floored on most {split} rows: the encoder has dead output dimensions (e.g. a LayerNorm "
                             "gain near 0), and the score sums the log singular values of the remaining rank.")
         return metrics
@@ -500,7 +470,7 @@ class JEPAScoreMonitor(Callback):
         try:
             self.policy.calibrate(scores, step=self._batches, trust=trust)
         except Exception as err:  # e.g. no finite held-out score after a divergence: keep the old threshold
-            self._warn_once("calibrate", f"{self._tag}: policy calibration skipped ({type(err).__name__}: {err}).")
+            self.report.warn_once("calibrate", f"{self._tag}: policy calibration skipped ({type(err).__name__}: {err}).")
 
     def _incoming_evaluation(self, trainer: Any, pl_module: Any, batch: Any) -> None:
         picked: Dict[str, Any] = {}
@@ -521,29 +491,26 @@ class JEPAScoreMonitor(Callback):
             id_lists = gather_objects(picked.get("ids"), trainer.world_size) if self.id_key is not None else [None]
         if m is None:
             return
-        with self._reporting("incoming batch"):
-            k, metrics = self.keys, mon.summary_metrics(self.keys, "incoming", m, self.components)
+        with self.report.guard("incoming batch", self._batches):
+            k = self.keys
+            metrics, turned_on = self.tracker.incoming(m, self._batches)
             metrics.update(self._rank_deficiency("incoming", m))
-            if self._latest is not None and self._latest_batch == self._batches:  # same weights: data shift
-                metrics.update(mon.distance_metrics(k, "incoming", m.scores, self._latest, "shift", self._distance_components))
-                on = mon.alert(metrics[k.stat("incoming", self.drift_component, "shift_ks")], self.drift_threshold)
-                metrics.update(self._alert("data_shift", on, "incoming data differ from the held-out data"))
+            self._warn_alerts(turned_on)
             metrics.update(self._time_metrics(m.seconds))
             self._history.append(mon.history_entry(k, self._batches, trainer.global_step, "incoming", self.drift_component, metrics))
-            self._log(trainer, metrics)
-            self._write_scores(trainer, "incoming", m.scores, None)
+            self.report.log(trainer, metrics)
+            self.report.scores(trainer, "incoming", m.scores, None)
             ids = [i for lst in id_lists for i in lst] if all(i is not None for i in id_lists) else None
-            self._export(trainer, trainer.global_step, "incoming", m.num_rows, sample_ids=ids, scores=m.scores, n_floored=m.n_floored)
+            self.report.rows(trainer, trainer.global_step, "incoming", m.num_rows, sample_ids=ids, scores=m.scores,
+                             n_floored=m.n_floored)
 
     # ------------------------------------------------------------------ outputs
-    def _alert(self, kind: str, on: Optional[bool], meaning: str) -> Dict[str, float]:
-        if on is None:
-            return {}
-        if on and kind in self.alert_on and not self._alerts.get(kind, False):
-            rank_zero_warn(f"{self._tag}: {kind.replace('_', ' ')} alert at training batch {self._batches}: KS statistic "
-                           f"of {self.drift_component} > drift_threshold = {self.drift_threshold} ({meaning}).")
-        self._alerts[kind] = on
-        return {self.keys.alert(kind): float(on)}
+    def _warn_alerts(self, kinds: List[str]) -> None:
+        for kind in kinds:
+            if kind in self.alert_on:
+                rank_zero_warn(f"{self._tag}: {kind.replace('_', ' ')} alert at training batch {self._batches}: KS "
+                               f"statistic of {self.drift_component} > drift_threshold = {self.drift_threshold} "
+                               f"({ALERT_MEANING[kind]}).")
 
     def _time_metrics(self, seconds: float) -> Dict[str, float]:
         wall = time.perf_counter() - self._t0 if self._t0 is not None else 0.0
@@ -556,68 +523,14 @@ class JEPAScoreMonitor(Callback):
         self._seconds_total += seconds
         self._seconds_run += seconds
 
-    def _reporting(self, what: str):
-        """Statistics, logging, TensorBoard and export after a measurement: a fault there (a full
-        disk, a logger error) is a warning, never the end of the run. No collective call inside."""
-        monitor = self
-
-        class _Guard:
-            def __enter__(self) -> None:
-                return None
-
-            def __exit__(self, kind, err, tb) -> bool:
-                if err is not None and isinstance(err, Exception):
-                    warnings.warn(f"{monitor._tag}: reporting the {what} at training batch {monitor._batches} failed "
-                                  f"({type(err).__name__}: {err}); those results are not logged, training continues.",
-                                  RuntimeWarning, stacklevel=2)
-                    return True
-                return False
-
-        return _Guard()
-
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            rank_zero_warn(message)
-
-    def _writers(self, trainer: Any) -> List[Any]:
-        return summary_writers(trainer, self._warn_once)
-
-    def _log(self, trainer: Any, metrics: Dict[str, float]) -> None:
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step)
-
-    def _write_scores(self, trainer: Any, split: str, scores: Dict[str, torch.Tensor], images: Optional[torch.Tensor]) -> None:
-        writers = self._writers(trainer)
-        step = trainer.global_step
-        write_histograms(writers, {self.keys.hist(split, c): scores[c] for c in self.components}, step)
-        if images is not None and self.num_images > 0 and looks_like_images(images):
-            write_extremes(writers, self.keys.image(split, "lowest"), self.keys.image(split, "highest"), images,
-                           scores[self.drift_component], self.num_images, step)
-        for writer in writers:
-            writer.flush()
-
-    def _export(self, trainer: Any, step: int, split: str, n: int, **columns: Any) -> None:
-        if not self.export or not trainer.is_global_zero:
-            return
-        if self._exporter is None:
-            log_dir = first_writer_dir(trainer) or trainer.default_root_dir
-            self._exporter = ScoreExporter(export_path(log_dir, self.name, self.export), self.export)
-        self._exporter.write(step, split, n, **columns)
-
     def _flush_curated(self, trainer: Any) -> None:
         """Curated rows are buffered per rank and gathered at held-out evaluations, so curation itself
         needs no collective call per training step."""
         if self.curation is None:
             return
         per_rank = gather_objects(self.curation.take_pending(), trainer.world_size)
-        with self._reporting("curated rows"):
+        with self.report.guard("curated rows", self._batches):
             for rows in per_rank:
                 for r in rows:
-                    self._export(trainer, r["step"], "incoming", len(r["kept"]), sample_ids=r["ids"], scores=r["scores"],
-                                 kept=r["kept"], weight=r["weight"])
-
-    def _close(self) -> None:
-        if self._exporter is not None:
-            self._exporter.close()
+                    self.report.rows(trainer, r["step"], "incoming", len(r["kept"]), sample_ids=r["ids"],
+                                     scores=r["scores"], kept=r["kept"], weight=r["weight"])

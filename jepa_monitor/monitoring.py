@@ -244,3 +244,71 @@ def custom_scalars_layout(keys: MetricKeys, components: Iterable[str], with_poli
     if with_policy:
         charts["curation"] = ["Multiline", [keys.pattern("policy", "(fraction_dropped|mean_weight|batch_weight)")]]
     return {f"jepa-monitor {keys.name}": charts}
+
+
+class ScoreTracker:
+    """What held-out and incoming scores are compared with, and which alerts are on.
+
+    Holds the anchor (first held-out scores, replaced once by the first evaluation whose trust
+    passed), the latest held-out scores with the batch they were taken at, and the on/off state of
+    each alert. :meth:`heldout` and :meth:`incoming` turn a :class:`Measurement` into metrics and
+    say which alerts just turned on.
+    """
+
+    def __init__(self, keys: MetricKeys, *, components: Sequence[str], drift_component: str, threshold: float) -> None:
+        self.keys, self.drift_component, self.threshold = keys, drift_component, threshold
+        self.components = tuple(components)
+        # distances of the logged components and of the one the alerts read
+        self.distance_components = tuple(dict.fromkeys((*components, drift_component)))
+        self.anchor: Optional[Dict[str, torch.Tensor]] = None
+        self.anchor_trusted = False
+        self.latest: Optional[Dict[str, torch.Tensor]] = None
+        self.latest_batch = -1
+        self.alerts: Dict[str, bool] = {}
+
+    def _alert(self, kind: str, ks: Optional[float]) -> Tuple[Dict[str, float], List[str]]:
+        on = alert(ks, self.threshold)
+        if on is None:
+            return {}, []
+        turned_on = [kind] if on and not self.alerts.get(kind, False) else []
+        self.alerts[kind] = on
+        return {self.keys.alert(kind): float(on)}, turned_on
+
+    def heldout(self, split: str, m: Measurement, batch: int, trust: Optional[float] = None,
+                ) -> Tuple[Dict[str, float], List[str]]:
+        """Summary and model-change metrics of a held-out (or validate/test) measurement."""
+        k = self.keys
+        metrics = summary_metrics(k, split, m, self.components)
+        turned_on: List[str] = []
+        if split == "heldout":
+            if self.anchor is None or (not self.anchor_trusted and is_trusted(trust)):
+                self.anchor, self.anchor_trusted = dict(m.scores), is_trusted(trust)
+            if self.latest is not None:
+                metrics.update(distance_metrics(k, split, m.scores, self.latest, "change", self.distance_components))
+                extra, turned_on = self._alert("model_change", metrics[k.stat(split, self.drift_component, "change_ks")])
+                metrics.update(extra)
+            self.latest, self.latest_batch = dict(m.scores), batch
+        if self.anchor is not None:
+            metrics.update(distance_metrics(k, split, m.scores, self.anchor, "drift", self.distance_components))
+        return metrics, turned_on
+
+    def incoming(self, m: Measurement, batch: int) -> Tuple[Dict[str, float], List[str]]:
+        """Summary of incoming rows and, when held-out scores of the same batch (the same weights)
+        exist, the data-shift metrics."""
+        k = self.keys
+        metrics = summary_metrics(k, "incoming", m, self.components)
+        if self.latest is None or self.latest_batch != batch:
+            return metrics, []
+        metrics.update(distance_metrics(k, "incoming", m.scores, self.latest, "shift", self.distance_components))
+        extra, turned_on = self._alert("data_shift", metrics[k.stat("incoming", self.drift_component, "shift_ks")])
+        metrics.update(extra)
+        return metrics, turned_on
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"anchor": self.anchor, "anchor_trusted": self.anchor_trusted, "latest": self.latest,
+                "latest_batch": self.latest_batch, "alerts": dict(self.alerts)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.anchor, self.anchor_trusted = state["anchor"], bool(state["anchor_trusted"])
+        self.latest, self.latest_batch = state["latest"], int(state["latest_batch"])
+        self.alerts = dict(state["alerts"])

@@ -1,0 +1,43 @@
+"""The monitor's constructor arguments, checked before any training starts."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+from jepa_monitor.export import FORMATS
+from jepa_monitor.monitoring import ALERTS
+from jepa_monitor.scores import COMPONENTS
+
+
+def check_arguments(*, heldout: Any, encoder: Any, every_n_steps: int, heldout_max_samples: int,
+                    incoming_max_rows: int, max_failures: int, incoming_every_n_steps: Optional[int],
+                    trust_samples: Any, components: Sequence[str], drift_component: str,
+                    alert_on: Sequence[str], export: Any) -> Any:
+    """Raise naming the first bad argument; returns ``export`` normalised (True -> "csv")."""
+    if heldout is None:
+        raise ValueError("JEPAScoreMonitor needs heldout=<DataLoader or tensor of held-out samples>.")
+    if not (isinstance(encoder, str) or callable(encoder)):
+        raise TypeError("encoder must be a dotted attribute path on the LightningModule or a callable module -> encoder.")
+    for label, value in (("every_n_steps", every_n_steps), ("heldout_max_samples", heldout_max_samples),
+                         ("incoming_max_rows", incoming_max_rows), ("max_failures", max_failures)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{label} must be a positive integer; got {value!r}.")
+    if incoming_every_n_steps is not None and (not isinstance(incoming_every_n_steps, int) or incoming_every_n_steps < 1):
+        raise ValueError(f"incoming_every_n_steps must be a positive integer or None; got {incoming_every_n_steps!r}.")
+    if trust_samples != "auto" and not (isinstance(trust_samples, int) and trust_samples >= 0):
+        raise ValueError(f"trust_samples must be 'auto' or a number of rows; got {trust_samples!r}.")
+    if not components or any(c not in COMPONENTS for c in components):
+        raise ValueError(f"components={tuple(components)!r}: choose one or more of {COMPONENTS}.")
+    if drift_component not in COMPONENTS:
+        raise ValueError(f"drift_component={drift_component!r} is not one of {COMPONENTS}.")
+    if any(a not in ALERTS for a in alert_on):
+        raise ValueError(f"alert_on={tuple(alert_on)!r}: choose from {ALERTS}.")
+    export = "csv" if export is True else export
+    if export not in (False, *FORMATS):
+        raise ValueError(f"export={export!r}: use True/'csv', 'parquet' or False.")
+    if export == "parquet":
+        try:
+            import pyarrow  # noqa: F401
+        except ModuleNotFoundError as err:
+            raise ModuleNotFoundError("export='parquet' needs pyarrow: pip install pyarrow, or use export='csv'.") from err
+    return export
