@@ -1,11 +1,15 @@
-"""The monitor's constructor arguments, checked before any training starts."""
+"""The monitor's configuration: its arguments checked before training starts, and the encoder and
+Scorer they name on the LightningModule."""
 
 from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
+from torch import nn
+
 from jepa_monitor.export import FORMATS
 from jepa_monitor.monitoring import ALERTS
+from jepa_monitor.scorer import Scorer
 from jepa_monitor.scores import COMPONENTS
 
 
@@ -41,3 +45,32 @@ def check_arguments(*, heldout: Any, encoder: Any, every_n_steps: int, heldout_m
         except ModuleNotFoundError as err:
             raise ModuleNotFoundError("export='parquet' needs pyarrow: pip install pyarrow, or use export='csv'.") from err
     return export
+
+
+def resolve_attribute(pl_module: Any, path: str, what: str) -> Any:
+    """``pl_module.<dotted path>`` ("" is the module itself); the error lists the submodules there."""
+    obj: Any = pl_module
+    parts = [p for p in path.split(".") if p]
+    for i, part in enumerate(parts):
+        if not hasattr(obj, part):
+            children = [n for n, _ in obj.named_children()] if hasattr(obj, "named_children") else []
+            where = ".".join([type(pl_module).__name__, *parts[:i]])
+            raise AttributeError(f"{what}={path!r}: {where} has no attribute {part!r} (its submodules: {children}). "
+                                 f"Pass {what}=<dotted attribute path on the LightningModule> or a callable module -> encoder.")
+        obj = getattr(obj, part)
+    return obj
+
+
+def build_scorer(pl_module: Any, encoder: Any, score_options: dict) -> Scorer:
+    """The Scorer of the module's current encoder (a dotted path or ``module -> encoder``)."""
+    enc = resolve_attribute(pl_module, encoder, "encoder") if isinstance(encoder, str) else encoder(pl_module)
+    # Never differentiate through a DDP/DataParallel wrapper: its forward syncs buffers and
+    # registers gradient hooks meant for the training step.
+    while isinstance(enc, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        enc = enc.module
+    if not callable(enc):
+        raise TypeError(f"encoder={encoder!r} resolved to a {type(enc).__name__}, which is not callable.")
+    options = dict(score_options)
+    if isinstance(options.get("input_module"), str):
+        options["input_module"] = resolve_attribute(pl_module, options["input_module"], "score_options['input_module']")
+    return Scorer(enc, **options)

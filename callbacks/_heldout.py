@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Mapping, Optional
 import torch
 
 from jepa_monitor.batches import Key, get_ids, get_input
+from jepa_monitor.diagnostics import trust_rows
 
 
 @dataclass
@@ -74,6 +75,13 @@ def load_heldout(source: Any, *, input_key: Key, id_key: Key, side_keys: Mapping
         ids=ids[: x.shape[0]] if have_ids else [str(i) for i in range(x.shape[0])],
         side={k: torch.cat(v)[: x.shape[0]] for k, v in side.items()},
     )
+
+
+def trim_for_trust(data: HeldoutSet, embed_dim: int, jacobian_rows: int) -> HeldoutSet:
+    """Keep the rows the monitor uses: the Jacobian-scored ones, and up to 4·K for the trust
+    diagnostics (:func:`jepa_monitor.diagnostics.trust_rows`)."""
+    keep = min(data.num_rows, max(jacobian_rows, trust_rows(embed_dim)))
+    return HeldoutSet(data.x[:keep], data.ids[:keep], {n: v[:keep] for n, v in data.side.items()})
 
 
 def side_inputs(batch: Any, side_keys: Mapping[str, Key], rows: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:

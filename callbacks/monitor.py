@@ -15,19 +15,17 @@ import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from torch import nn
 
 from jepa_monitor import monitoring as mon
 from jepa_monitor.batches import Key, get_ids, get_input
-from jepa_monitor.diagnostics import trust_rows
 from jepa_monitor.scorer import Scorer
 from jepa_monitor.scores import COMPONENTS
 
-from ._config import check_arguments
+from ._config import build_scorer, check_arguments
 from ._curation import Curation
 from ._distributed import gather_objects, gather_rows
 from ._failures import FailureCounter
-from ._heldout import HeldoutSet, load_heldout, side_inputs
+from ._heldout import HeldoutSet, load_heldout, side_inputs, trim_for_trust
 from ._reporting import Reporter
 from ._tensorboard import write_histograms
 
@@ -245,30 +243,9 @@ class JEPAScoreMonitor(Callback):
             self.curation.failures.load_state_dict(state_dict["curation_failures"])
 
     # ------------------------------------------------------------------ configuration
-    def _resolve(self, pl_module: Any, path: str, what: str) -> Any:
-        obj: Any = pl_module
-        for i, part in enumerate(p for p in path.split(".") if p):
-            if not hasattr(obj, part):
-                children = [n for n, _ in obj.named_children()] if isinstance(obj, nn.Module) else []
-                raise AttributeError(f"{what}={path!r}: {type(pl_module).__name__}{'.' * bool(i)}{'.'.join(path.split('.')[:i])} "
-                                     f"has no attribute {part!r} (its submodules: {children}). Pass {what}=<dotted "
-                                     "attribute path on the LightningModule> or a callable module -> encoder.")
-            obj = getattr(obj, part)
-        return obj
-
     def scorer(self, pl_module: Any) -> Scorer:
         """The :class:`~jepa_monitor.Scorer` of the module's current encoder and ``score_options``."""
-        enc = self._resolve(pl_module, self.encoder, "encoder") if isinstance(self.encoder, str) else self.encoder(pl_module)
-        # Never differentiate through a DDP/DataParallel wrapper: its forward syncs buffers and
-        # registers gradient hooks meant for the training step.
-        while isinstance(enc, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            enc = enc.module
-        if not callable(enc):
-            raise TypeError(f"encoder={self.encoder!r} resolved to a {type(enc).__name__}, which is not callable.")
-        options = dict(self.score_options)
-        if isinstance(options.get("input_module"), str):
-            options["input_module"] = self._resolve(pl_module, options["input_module"], "score_options['input_module']")
-        return Scorer(enc, **options)
+        return build_scorer(pl_module, self.encoder, self.score_options)
 
     def _check_input(self, x: torch.Tensor, where: str) -> None:
         if not x.is_floating_point() and "input_module" not in self.score_options:
@@ -280,16 +257,13 @@ class JEPAScoreMonitor(Callback):
         try:
             scorer = self.scorer(pl_module)
             if self._data is None:
-                rows = self.heldout_max_samples if self.trust_samples != "auto" else MAX_TRUST_SAMPLES
-                data = load_heldout(self.heldout, input_key=self.input_key, id_key=self.id_key,
-                                    side_keys=self.side_keys, max_rows=max(self.heldout_max_samples, rows if self.trust_samples == "auto" else self.trust_samples))
+                auto = self.trust_samples == "auto"
+                data = load_heldout(self.heldout, input_key=self.input_key, id_key=self.id_key, side_keys=self.side_keys,
+                                    max_rows=max(self.heldout_max_samples, MAX_TRUST_SAMPLES if auto else self.trust_samples))
                 self._check_input(data.x, "the held-out input")
-                if self.trust_samples == "auto" and data.num_rows > self.heldout_max_samples:
-                    # 4·K rows; K is known after one gradient-free forward
+                if auto and data.num_rows > self.heldout_max_samples:  # K is known after one forward
                     x, side = data.rows(torch.arange(1), pl_module.device)
-                    k = scorer.embed(x, **side).shape[1]
-                    keep = min(data.num_rows, max(self.heldout_max_samples, trust_rows(k)))
-                    data = HeldoutSet(data.x[:keep], data.ids[:keep], {n: v[:keep] for n, v in data.side.items()})
+                    data = trim_for_trust(data, scorer.embed(x, **side).shape[1], self.heldout_max_samples)
                 self._data = data
         except MisconfigurationException:
             raise
