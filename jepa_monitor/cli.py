@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 from ._version import __version__
+from .progress import progress_bar
 
 EXIT_USER_ERROR = 2
 
@@ -24,30 +25,6 @@ class CLIError(Exception):
 
 
 # ---------------------------------------------------------------------------------------- helpers
-def _progress(total: int, desc: str):
-    """A tqdm bar when tqdm is installed (it comes with lightning), else a plain line per 10 %."""
-    try:
-        from tqdm.auto import tqdm
-
-        return tqdm(total=total, desc=desc, unit="row", file=sys.stderr, leave=False)
-    except ImportError:
-        return _PlainProgress(total, desc)
-
-
-class _PlainProgress:
-    def __init__(self, total: int, desc: str):
-        self.total, self.desc, self.done, self._next = total, desc, 0, 0.1
-
-    def update(self, n: int) -> None:
-        self.done += n
-        while self.total and self.done / self.total >= self._next - 1e-9:
-            print(f"{self.desc}: {self.done}/{self.total} rows", file=sys.stderr)
-            self._next += 0.1
-
-    def close(self) -> None:
-        pass
-
-
 def import_object(spec: str, what: str) -> Any:
     """``package.module:attr.sub`` -> the object."""
     if ":" not in spec:
@@ -265,7 +242,7 @@ def cmd_score(args) -> int:
         dtype = next((p.dtype for p in encoder.parameters() if p.is_floating_point()), None)
     n, batches = iterate_rows(load_data(args.data), args.input_key, args.id_key, args.batch_size)
     exporter = ScoreExporter(out, out.suffix.lstrip("."))
-    bar = _progress(n, "scoring")
+    bar = progress_bar(n, "scoring")
     try:
         for x, ids in batches:
             if not isinstance(x, torch.Tensor):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import types
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -93,6 +94,7 @@ COLUMN_CHUNKS = 4
 half the bytes of the float32 rows. (Measured on CPU, 1 thread, the (16, 64, 3072) Gram: 1, 2 or
 4 chunks cost the same as one conversion, 8 chunks 25 % more.)"""
 
+_MAX_STREAM = 16  # rows streamed past a held group at a time
 _AUTO_LOOP_ROWS = 8  # rows timed for the loop (per-row cost is steady)
 _AUTO_ROUNDS = 2  # interleaved timing rounds; the minimum of each candidate is compared
 _AUTO_MARGIN = 0.9  # batched must be at least 10 % faster per row to replace the loop
@@ -170,16 +172,27 @@ _AUTO_DECISIONS_BY_ID: Dict[tuple, int] = {}  # encoders that cannot be weakly r
 
 
 def _auto_identity(encoder: Any) -> Tuple[Any, Any]:
-    """(object whose lifetime the decision follows, extra key part). A bound method ``model.encode``
-    is a new object at every access: key it by its module and function. A whitening wrapper (made
-    afresh for every ``score_samples(..., whitening=...)`` call) times like the encoder it wraps."""
-    from .whitening import WhitenedEncoder
+    """(object whose lifetime the decision follows, extra key part).
 
-    while isinstance(encoder, WhitenedEncoder):
-        encoder = encoder.encoder
+    A bound method ``model.encode`` is a new object at every access: it is keyed by its module and
+    function. A closure made afresh for every call (``lambda v: model(v)``, a scorer's per-chunk
+    wrapper) is keyed by the module it closes over (directly, or as the ``.encoder`` of an object
+    it closes over) and its code. The decision only picks the faster of two ways to compute the
+    same numbers, so a shared key can cost speed, never correctness.
+    """
     owner, func = getattr(encoder, "__self__", None), getattr(encoder, "__func__", None)
     if owner is not None and func is not None:
         return owner, func
+    if isinstance(encoder, types.FunctionType) and encoder.__closure__:
+        for cell in encoder.__closure__:
+            try:
+                value = cell.cell_contents
+            except ValueError:  # an empty cell
+                continue
+            inner = value if isinstance(value, nn.Module) else getattr(value, "encoder", None)
+            if isinstance(inner, nn.Module) or isinstance(getattr(inner, "__self__", None), nn.Module):
+                inner_owner, inner_extra = _auto_identity(inner)
+                return inner_owner, (encoder.__code__, inner_extra)
     return encoder, None
 
 
@@ -202,15 +215,15 @@ def _cache_put(encoder: Any, key: tuple, width: int) -> None:
 
 
 def cached_vectorize_decisions(encoder: Any) -> Dict[tuple, int]:
-    """The ``vectorize="auto"`` decisions cached for ``encoder``: {(leaf shape, K, device, dtype):
-    rows per batched backward, 0 = loop}."""
-    owner, extra = _auto_identity(encoder)
+    """The ``vectorize="auto"`` decisions cached for ``encoder`` (and any wrapper of it: bound
+    methods, closures): {(leaf shape, K, device, dtype): rows per batched backward, 0 = loop}."""
+    owner, _ = _auto_identity(encoder)
     try:
         found = dict(_AUTO_DECISIONS.get(owner, {}))
     except TypeError:
         found = {k[1:]: v for k, v in _AUTO_DECISIONS_BY_ID.items() if k[0] == id(owner)}
-        return {k[1:]: v for k, v in found.items() if k[0] == extra}
-    return {k[1:]: v for k, v in found.items() if k[0] == extra}
+    # Every wrapper of the same module (a bound method, a closure) is listed under the module.
+    return {k[1:]: v for k, v in found.items()}
 
 
 def clear_vectorize_cache() -> None:
@@ -326,8 +339,9 @@ class _Rows:
         return width
 
 
-def _rows_for(encoder, z, leaf, vectorize: Vectorize, memory_budget: Optional[int]) -> _Rows:
+def _rows_for(encoder, z, leaf, vectorize: Vectorize, memory_budget: Optional[int], cache_key: Any = None) -> _Rows:
     mode, width = _parse_vectorize(vectorize)
+    encoder = encoder if cache_key is None else cache_key
     if mode != AUTO:
         return _Rows(z, leaf, width)
     b, k_dim = z.shape
@@ -401,7 +415,7 @@ def plan_rows(b: int, k_dim: int, d_dim: int, memory_budget: Optional[int], widt
     K > D (G = Jᵀ J, D × D): blocks of ``stream`` rows are added to G as they come: K VJPs,
     memory O(stream·D + D²).
 
-    ``width`` (rows per batched backward, 0 for the loop) sets the preferred stream block. The
+    ``width`` (rows per batched backward, 0 for the loop) sets the stream block (at most 16). The
     budget is a floor of at least one held and one streamed row: a budget below that is exceeded.
     """
     n = min(k_dim, d_dim)
@@ -418,7 +432,10 @@ def plan_rows(b: int, k_dim: int, d_dim: int, memory_budget: Optional[int], widt
     if memory_budget is None or full_jacobian_bytes(b, k_dim, d_dim) <= memory_budget:
         return RowPlan(k_dim, 0, 1, chunk, k_dim, k_dim * per_row + gram_bytes)
     fit = max(0, (memory_budget - gram_bytes) // max(1, per_row))
-    stream = int(max(1, min(max(width, 8), fit // 4, k_dim - 1)))
+    # A short stream leaves the most room to the held group, and the group count sets the cost:
+    # ViT-B/16 at 224 px in 256 MiB needs 3 groups (1.9 K row-VJPs) with 16 streamed rows, 4
+    # groups (2.2 K) with 64.
+    stream = int(max(1, min(width if width >= 2 else 8, _MAX_STREAM, fit // 4, k_dim - 1)))
     held = int(max(1, min(fit - stream, k_dim - 1)))
     while held > 1 and (held + stream) * per_row + gram_bytes + b * held * stream * 8 > memory_budget:
         held -= 1  # the float64 cross block (held × stream) is part of the budget too
@@ -483,6 +500,7 @@ def embedding_and_gram(
     vectorize: Vectorize = None,
     memory_budget: Optional[int] = None,
     encoder_kwargs: Optional[Dict[str, Any]] = None,
+    cache_key: Any = None,
 ):
     """(z (b, K) detached, G (b, n, n) float64, D) for one micro-batch; n = min(K, D). Call inside
     ``scoring_context``.
@@ -503,13 +521,16 @@ def embedding_and_gram(
             recomputed (:func:`plan_rows`: K·(p+1)/2 row-VJPs for p groups). None: no bound.
         encoder_kwargs: extra keyword tensors for the encoder, already sliced to this micro-batch
             (e.g. ``attention_mask``).
+        cache_key: the object whose identity the ``"auto"`` decision is cached under (weakly
+            referenced), when ``encoder`` is a wrapper made afresh for every call (a closure):
+            pass the model (or a long-lived scorer). Default: ``encoder`` itself.
     """
     leaf, z = differentiable_forward(
         encoder, x, output=output, pool=pool, input_module=input_module, encoder_kwargs=encoder_kwargs
     )
     b, k_dim = z.shape
     d_dim = math.prod(leaf.shape[1:])
-    rows = _rows_for(encoder, z, leaf, vectorize, memory_budget)
+    rows = _rows_for(encoder, z, leaf, vectorize, memory_budget, cache_key)
     plan = plan_rows(b, k_dim, d_dim, memory_budget, width=max(rows.width, 0))
     g = _gram_from_rows(rows, plan, b, k_dim, d_dim)
     return z.detach(), g, d_dim
@@ -524,14 +545,15 @@ def embedding_and_jacobian(
     input_module: Optional[nn.Module] = None,
     vectorize: Vectorize = None,
     encoder_kwargs: Optional[Dict[str, Any]] = None,
+    cache_key: Any = None,
 ):
     """(z (b, K) detached, J (b, K, D)) for one micro-batch, the whole Jacobian at once (no memory
-    bound: prefer :func:`embedding_and_gram`). Call inside ``scoring_context``. ``vectorize`` as
-    in :func:`embedding_and_gram`."""
+    bound: prefer :func:`embedding_and_gram`). Call inside ``scoring_context``. ``vectorize`` and
+    ``cache_key`` as in :func:`embedding_and_gram`."""
     leaf, z = differentiable_forward(
         encoder, x, output=output, pool=pool, input_module=input_module, encoder_kwargs=encoder_kwargs
     )
     b, k_dim = z.shape
     jac = torch.empty(b, k_dim, math.prod(leaf.shape[1:]), dtype=z.dtype, device=z.device)
-    _rows_for(encoder, z, leaf, vectorize, None).fill(jac, 0)
+    _rows_for(encoder, z, leaf, vectorize, None, cache_key).fill(jac, 0)
     return z.detach(), jac

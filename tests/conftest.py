@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import copy
+import sys
+from pathlib import Path
 from typing import Callable, Optional
 
 import pytest
 import torch
+
+# benchmarks/synthetic.py (known-density mixtures and SIGReg encoders) serves the fidelity tests too.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 
 def brute_force_scores(

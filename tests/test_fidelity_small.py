@@ -8,7 +8,7 @@ from scipy.stats import multivariate_normal, norm
 
 from jepa_monitor import score_samples
 from jepa_monitor.evaluation import fit_baselines, ood_metrics, score_columns, spearman
-from jepa_monitor.synthetic import ProductMixture, random_mixture, train_sigreg_encoder
+from synthetic import ProductMixture, random_mixture, train_sigreg_encoder
 
 
 @pytest.fixture(scope="module", autouse=True)
