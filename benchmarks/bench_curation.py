@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import statistics
 import time
 
 import torch
 from torch import nn
 
-from jepa_monitor import score_samples
+from jepa_monitor import Scorer, score_samples
 from jepa_monitor.demo.data import JUNK_KINDS, corrupt, make_splits, normalise
 from jepa_monitor.demo.model import DigitEncoder, augment, lejepa_loss, sigreg_directions
 from jepa_monitor.gaussianity import epps_pulley, random_directions
@@ -107,17 +106,18 @@ def catch_table(encoder, reference_x, clean_x, sets) -> None:
 
 
 def cost_table(encoder, kind, stream_x, reference, repeats, seed, budgets) -> None:
-    score_fn = functools.partial(score_samples, encoder)
+    score_fn = Scorer(encoder)  # score + embed: the gate's cheap stage needs the embedding
+    # warmup=0: the trust warm-up is not what this measures (the policies act on every batch here).
     configs = {
-        "Drop, exact every row": Drop(gate=False),
-        "Drop, gate, all exact": Drop(gate_budget=None),
-        "Drop() default (b=16)": Drop(),
-        **{f"Drop, gate, budget {b}": Drop(gate_budget=b) for b in budgets},
-        "Drop, prior only": Drop(score_key="log_prior"),
-        "Drop(), every 4th batch": Drop(every_n_steps=4),
-        "Reweight, exact every row": Reweight(gate=False),
-        "Reweight() default (b=16)": Reweight(),
-        "Reweight, gate, all exact": Reweight(gate_budget=None),
+        "Drop, exact every row": Drop(warmup=0, gate=False),
+        "Drop, gate, all exact": Drop(warmup=0, gate_budget=None),
+        "Drop(warmup=0) default (b=16)": Drop(warmup=0),
+        **{f"Drop, gate, budget {b}": Drop(warmup=0, gate_budget=b) for b in budgets},
+        "Drop, prior only": Drop(warmup=0, score_key="log_prior"),
+        "Drop(warmup=0), every 4th batch": Drop(warmup=0, every_n_steps=4),
+        "Reweight, exact every row": Reweight(warmup=0, gate=False),
+        "Reweight(warmup=0) default (b=16)": Reweight(warmup=0),
+        "Reweight, gate, all exact": Reweight(warmup=0, gate_budget=None),
     }
     for policy in configs.values():
         policy.calibrate(reference)
