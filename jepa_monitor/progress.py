@@ -25,10 +25,11 @@ class _PlainProgress:
 
     def update(self, n: int) -> None:
         self.done += n
-        while self.total and self.done / self.total >= self._next - 1e-9:
+        if self.total and self.done / self.total >= self._next - 1e-9:
             rate = self.done / max(time.perf_counter() - self._t0, 1e-9)
             print(f"{self.desc}: {self.done}/{self.total} rows ({rate:.1f} rows/s)", file=sys.stderr)
-            self._next += 0.1
+            while self.done / self.total >= self._next - 1e-9:  # one line however many marks were passed
+                self._next += 0.1
 
     def close(self) -> None:
         pass

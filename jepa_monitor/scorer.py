@@ -27,7 +27,7 @@ from .approx import slq_chunk
 from .gaussian import log_prior64
 from .jacobian import differentiation_point, embedding_and_jacobian
 from .logdet import PAPER_ABS_FLOOR, gram, half_logdet
-from .outputs import OutputSelector, Pooling, embed
+from .outputs import OutputSelector, Pooling, embed, select_output
 from .progress import progress_bar
 from .scores import SampleScores
 from .whitening import Whitening, whiten
@@ -103,6 +103,10 @@ class Scorer:
         """(B, K) embedding of ``x`` as scored: output selected, tokens pooled, whitened."""
         raw = self.encoder(x, **side)
         mask = side.get(self.mask_key) if self.pool == "mean" else None
+        if side and mask is None and self.pool == "mean" and select_output(raw, self.output).ndim == 3:
+            warnings.warn(f"side inputs {sorted(side)} were given but none is named mask_key={self.mask_key!r}: "
+                          "pool='mean' averages every token, padding included. Pass mask_key=<the keyword of the "
+                          "attention mask>.", stacklevel=3)
         z = embed(raw, self.output, self.pool, x.shape[0], mask=mask)
         if self.whitening is not None:
             z = whiten(z, self.whitening)
