@@ -13,7 +13,7 @@ from jepa_monitor.scorer import Scorer
 from jepa_monitor.scores import COMPONENTS
 
 
-def check_arguments(*, heldout: Any, encoder: Any, every_n_steps: int, heldout_max_samples: int,
+def check_arguments(*, heldout: Any, encoder: Any, every_n_steps: Optional[int], heldout_max_samples: int,
                     incoming_max_rows: int, max_failures: int, incoming_every_n_steps: Optional[int],
                     trust_samples: Any, components: Sequence[str], drift_component: str,
                     alert_on: Sequence[str], export: Any) -> Any:
@@ -22,12 +22,12 @@ def check_arguments(*, heldout: Any, encoder: Any, every_n_steps: int, heldout_m
         raise ValueError("JEPAScoreMonitor needs heldout=<DataLoader or tensor of held-out samples>.")
     if not (isinstance(encoder, str) or callable(encoder)):
         raise TypeError("encoder must be a dotted attribute path on the LightningModule or a callable module -> encoder.")
-    for label, value in (("every_n_steps", every_n_steps), ("heldout_max_samples", heldout_max_samples),
+    if every_n_steps is not None and (not isinstance(every_n_steps, int) or every_n_steps < 1):
+        raise ValueError(f"every_n_steps must be a positive integer or None (spaced by the budget); got {every_n_steps!r}.")
+    for label, value in (("heldout_max_samples", heldout_max_samples),
                          ("incoming_max_rows", incoming_max_rows), ("max_failures", max_failures)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{label} must be a positive integer; got {value!r}.")
-    if incoming_every_n_steps is not None and (not isinstance(incoming_every_n_steps, int) or incoming_every_n_steps < 1):
-        raise ValueError(f"incoming_every_n_steps must be a positive integer or None; got {incoming_every_n_steps!r}.")
     if trust_samples != "auto" and not (isinstance(trust_samples, int) and trust_samples >= 0):
         raise ValueError(f"trust_samples must be 'auto' or a number of rows; got {trust_samples!r}.")
     if not components or any(c not in COMPONENTS for c in components):

@@ -27,6 +27,7 @@ from ._distributed import gather_objects, gather_rows
 from ._failures import FailureCounter
 from ._heldout import HeldoutSet, load_heldout, side_inputs, trim_for_trust
 from ._reporting import Reporter
+from ._schedule import Schedule
 from ._tensorboard import write_histograms
 
 ALERT_MEANING = {"data_shift": "incoming rows differ from held-out rows scored with the same weights",
@@ -42,11 +43,14 @@ def _message(err: BaseException) -> str:
 class JEPAScoreMonitor(Callback):
     r"""Scores held-out and incoming samples with the encoder's density estimate during training.
 
-    The held-out set is scored when fit starts, every ``every_n_steps`` training batches (the
-    callback's own counter, so gradient accumulation does not change the cadence; the evaluation
-    runs after the step of that batch), and under ``trainer.validate()`` / ``test()``.
-    Rows of the current training batch (a random subset from a private generator) are scored every
-    ``incoming_every_n_steps`` batches. Scoring runs in eval mode with every module's mode restored,
+    The held-out set is scored when fit starts, then either within a **budget** (default: 5 % of the
+    training wall time; the monitor times a training batch and its own evaluations and spaces them,
+    see ``callbacks/_schedule.py``) or every ``every_n_steps`` training batches when that is given
+    (the callback's own counter, so gradient accumulation does not change the cadence; the
+    evaluation runs after the step of that batch), and under ``trainer.validate()`` / ``test()``.
+    Rows of the current training batch (a random subset from a private generator) are scored right
+    after each held-out evaluation (``incoming_every_n_steps="auto"``: the same weights, which the
+    data-shift test needs) or every ``incoming_every_n_steps`` batches. Scoring runs in eval mode with every module's mode restored,
     in full precision, without touching parameters, their gradients or the global RNG, so a
     monitored run trains exactly as an unmonitored one. Works with ``lightning.pytorch`` and
     ``pytorch_lightning`` Trainers.
@@ -78,7 +82,10 @@ class JEPAScoreMonitor(Callback):
       ``<name>/trust/agreement/<a>_vs_<b>`` — Spearman between jepa_score, log_density,
       mahalanobis and knn on the Jacobian-scored rows.
     - ``<name>/time/score_seconds``, ``total_score_seconds``, ``share`` — the last measurement, all monitor
-      time since fit start, and that total over wall time; ``<name>/monitor/failures_total``.
+      time since fit start (scoring, trust, logging, export, curation), and its share of the wall time
+      after the fit-start evaluation; ``fit_start_seconds`` — that first evaluation (a burst outside
+      the budget); ``budget``; ``heldout_gap`` — batches between held-out evaluations chosen by the
+      budget; ``<name>/monitor/failures_total``.
     - With a ``policy``, every ``trainer.log_every_n_steps`` batches: ``<name>/policy/fraction_dropped``,
       ``mean_weight``, ``batch_weight``, ``active`` (current batch) and ``<name>/policy/<counter>_total`` for
       every counter of the policy (rows seen, dropped, not applied, scored by Jacobian, decided by
@@ -99,7 +106,9 @@ class JEPAScoreMonitor(Callback):
             ``""`` for the module itself) or a callable ``module -> encoder``.
         heldout: a DataLoader (batches laid out as training batches), a tensor, or the path of a
             ``torch.save``-d tensor or dict batch. Read once, into CPU memory.
-        every_n_steps: held-out evaluation every this many training batches.
+        every_n_steps: held-out evaluation every this many training batches (None: spaced by ``budget``).
+        budget: the share of training wall time the monitor may spend (scoring, curation, logging);
+            None: no budget (then ``every_n_steps`` is needed).
         input_key, id_key: where the input / the sample ids sit in a batch: a key or index, a path
             (``"views.0.image"``, ``("views", 0, "image")``, ``(0, 0)``) or a callable ``batch -> tensor``.
         encoder_kwargs_keys: side inputs of the encoder, e.g. ``{"attention_mask": "attention_mask"}``
@@ -108,7 +117,8 @@ class JEPAScoreMonitor(Callback):
         heldout_max_samples: held-out rows scored with the Jacobian.
         trust_samples: held-out rows embedded (one forward pass) for the trust diagnostics;
             ``"auto"``: 4·K (at most 4096), as far as the held-out set allows.
-        incoming_every_n_steps: incoming scoring every this many batches (None: off).
+        incoming_every_n_steps: ``"auto"`` (after each held-out evaluation), every this many batches,
+            or None (off).
         incoming_max_rows: rows of the training batch scored.
         components: components logged. score_options: fields of :class:`jepa_monitor.Scorer`
             (``input_module`` may be a dotted path on the LightningModule).
@@ -127,13 +137,14 @@ class JEPAScoreMonitor(Callback):
         encoder: Union[str, Callable[[Any], Callable]] = "encoder",
         heldout: Union[str, os.PathLike, torch.Tensor, Iterable, None] = None,
         *,
-        every_n_steps: int = 1000,
+        every_n_steps: Optional[int] = None,
+        budget: Optional[float] = 0.05,
         input_key: Key = 0,
         id_key: Key = None,
         encoder_kwargs_keys: Union[Mapping[str, Key], Sequence[str], None] = None,
         heldout_max_samples: int = 128,
         trust_samples: Union[int, str] = "auto",
-        incoming_every_n_steps: Optional[int] = 500,
+        incoming_every_n_steps: Union[int, str, None] = "auto",
         incoming_max_rows: int = 16,
         components: Sequence[str] = COMPONENTS,
         score_options: Optional[Dict[str, Any]] = None,
@@ -159,7 +170,8 @@ class JEPAScoreMonitor(Callback):
             raise ValueError(f"weight_key={weight_key!r} on the monitor and {policy_key!r} on the policy differ; set it in one place.")
         self.keys = mon.MetricKeys(name)
         self.encoder, self.heldout, self.name = encoder, heldout, name
-        self.every_n_steps, self.incoming_every_n_steps = every_n_steps, incoming_every_n_steps
+        self.every_n_steps, self.incoming_every_n_steps, self.budget = every_n_steps, incoming_every_n_steps, budget
+        self.schedule = Schedule(every_n_steps, incoming_every_n_steps, budget)
         self.input_key, self.id_key = input_key, id_key
         self.side_keys = dict(encoder_kwargs_keys) if isinstance(encoder_kwargs_keys, Mapping) else {k: k for k in (encoder_kwargs_keys or ())}
         self.heldout_max_samples, self.trust_samples, self.incoming_max_rows = heldout_max_samples, trust_samples, incoming_max_rows
@@ -189,6 +201,10 @@ class JEPAScoreMonitor(Callback):
         self._data: Optional[HeldoutSet] = None
         self._t0: Optional[float] = None
         self._seconds_run = 0.0
+        self._burst = 0.0  # the fit-start evaluation, outside the budget
+        self._clock: Optional[tuple] = None  # (wall, monitor seconds, curation seconds) at the last batch start
+        self._curation_seconds = 0.0
+        self._eval_seconds = {"heldout": 0.0, "incoming": 0.0}
         self._checked_batch = False
 
     # ------------------------------------------------------------------ identity and state
@@ -219,12 +235,13 @@ class JEPAScoreMonitor(Callback):
         """Path of the per-sample export once something was written (rank 0)."""
         return None if self.report.exporter is None else str(self.report.exporter.path)
 
-    _STATE = ("_batches", "_seconds_total", "_warnings_on", "_trust")
+    _STATE = ("_batches", "_seconds_total", "_warnings_on", "_trust", "_eval_seconds")
 
     def state_dict(self) -> Dict[str, Any]:
         state = {k.lstrip("_"): getattr(self, k) for k in self._STATE}
         state.update(version=2, history=list(self._history), generator=self._generator.get_state(),
                      failures=self.failures.state_dict(), tracker=self.tracker.state_dict(),
+                     schedule={"next_heldout": self.schedule.next_heldout, "gap": self.schedule.gap},
                      alerts=dict(self.tracker.alerts))
         if self.curation is not None:
             state["policy"] = self.policy.state_dict()
@@ -236,6 +253,7 @@ class JEPAScoreMonitor(Callback):
             setattr(self, k, state_dict[k.lstrip("_")])
         self._history = list(state_dict["history"])
         self.tracker.load_state_dict(state_dict["tracker"])
+        self.schedule.next_heldout, self.schedule.gap = state_dict["schedule"]["next_heldout"], state_dict["schedule"]["gap"]
         self._generator.set_state(state_dict["generator"])
         self.failures.load_state_dict(state_dict["failures"])
         if self.curation is not None and "policy" in state_dict:
@@ -284,6 +302,7 @@ class JEPAScoreMonitor(Callback):
     # ------------------------------------------------------------------ Lightning hooks
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         self._t0, self._seconds_run, self._checked_batch = time.perf_counter(), 0.0, False
+        self._clock, self._burst = None, 0.0
         self._prepare(pl_module)
         if not trainer.loggers:
             self.report.warn_once("nologger", f"{self._tag}: the Trainer has no logger; scores are exported to "
@@ -292,6 +311,7 @@ class JEPAScoreMonitor(Callback):
             writer.add_custom_scalars(mon.custom_scalars_layout(self.keys, self.components, self.policy is not None))
         if not self.disabled and self.tracker.anchor is None:
             self._heldout_evaluation(trainer, pl_module, "heldout", strict=True)
+            self._burst = self._eval_seconds["heldout"]
         elif self.tracker.anchor is not None:  # resumed: only check that the configuration still scores
             try:
                 x, side = self._data.rows(torch.arange(min(2, self._data.num_rows)), pl_module.device)
@@ -305,13 +325,15 @@ class JEPAScoreMonitor(Callback):
         if self.disabled:
             return
         b = self._batches
+        self._time_batch(trainer)
         if self.curation is not None and self.tracker.latest_batch != b and self.policy.needs_refresh(b):
             self._heldout_evaluation(trainer, pl_module, "heldout", strict=False)
-        if self.incoming_every_n_steps is not None and b % self.incoming_every_n_steps == 0 and not self.disabled:
+        if self.schedule.incoming_due(b, self.tracker.latest_batch) and not self.disabled:
             self._incoming_evaluation(trainer, pl_module, batch)
         if self.curation is not None and not self.curation.failures.disabled and not self.disabled:
             result = self.curation.curate(self.scorer(pl_module), batch, batch_index=b, step=trainer.global_step, trust=self._trust)
             self._add_seconds(result["seconds"])
+            self._curation_seconds += result["seconds"]
             if "decision" in result and trainer.log_every_n_steps and b % trainer.log_every_n_steps == 0:
                 with self.report.guard("curated batch", b):
                     self.report.log(trainer, self.curation.metrics(result))
@@ -322,8 +344,10 @@ class JEPAScoreMonitor(Callback):
         # Scored after the step, with the weights the next batch's incoming rows will see: no optimizer
         # step happens in between, so the two are compared under the same weights (data shift).
         self._batches += 1
-        if not self.disabled and self._batches % self.every_n_steps == 0:
+        if not self.disabled and self.schedule.heldout_due(self._batches):
             self._heldout_evaluation(trainer, pl_module, "heldout", strict=False)
+            if self.schedule.budgeted:
+                self._plan(trainer)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self._flush_curated(trainer)
@@ -361,7 +385,6 @@ class JEPAScoreMonitor(Callback):
             err = e
         gathered = gather_rows(trainer.strategy, rows, trainer.world_size)
         seconds = time.perf_counter() - start
-        self._add_seconds(seconds)
         if gathered is None:
             if strict:
                 reason = _message(err) if err is not None else "it failed on another rank"
@@ -372,6 +395,23 @@ class JEPAScoreMonitor(Callback):
         return mon.Measurement.unpack(gathered, seconds)
 
     def _heldout_evaluation(self, trainer: Any, pl_module: Any, split: str, strict: bool) -> None:
+        self._timed("heldout" if split == "heldout" else split, self._score_heldout, trainer, pl_module, split, strict)
+
+    def _incoming_evaluation(self, trainer: Any, pl_module: Any, batch: Any) -> None:
+        self._timed("incoming", self._score_incoming, trainer, pl_module, batch)
+
+    def _timed(self, what: str, fn: Callable, *args: Any) -> None:
+        """Everything an evaluation costs (scoring, gathering, trust, logging, export) counts against
+        the monitor's time share, and is what the budget schedule plans with."""
+        start = time.perf_counter()
+        try:
+            fn(*args)
+        finally:
+            seconds = time.perf_counter() - start
+            self._eval_seconds[what] = seconds
+            self._add_seconds(seconds)
+
+    def _score_heldout(self, trainer: Any, pl_module: Any, split: str, strict: bool) -> None:
         data, k = self._data, self.keys
         n = min(self.heldout_max_samples, data.num_rows)
         index = torch.arange(trainer.global_rank, n, trainer.world_size)
@@ -446,7 +486,7 @@ class JEPAScoreMonitor(Callback):
         except Exception as err:  # e.g. no finite held-out score after a divergence: keep the old threshold
             self.report.warn_once("calibrate", f"{self._tag}: policy calibration skipped ({type(err).__name__}: {err}).")
 
-    def _incoming_evaluation(self, trainer: Any, pl_module: Any, batch: Any) -> None:
+    def _score_incoming(self, trainer: Any, pl_module: Any, batch: Any) -> None:
         picked: Dict[str, Any] = {}
 
         def compute() -> torch.Tensor:
@@ -486,12 +526,41 @@ class JEPAScoreMonitor(Callback):
                                f"statistic of {self.drift_component} > drift_threshold = {self.drift_threshold} "
                                f"({ALERT_MEANING[kind]}).")
 
+    def _time_batch(self, trainer: Any) -> None:
+        """Time the training batch that just ended without the monitor's own seconds; with a budget,
+        plan the next held-out evaluation once a few batches were timed (every rank alike)."""
+        now = time.perf_counter()
+        if self._clock is not None:
+            wall, monitor, curation = self._clock
+            self.schedule.note_batch(now - wall - (self._seconds_run - monitor), self._curation_seconds - curation)
+        self._clock = (now, self._seconds_run, self._curation_seconds)
+        if self.schedule.needs_plan():
+            self._plan(trainer)
+
+    def _plan(self, trainer: Any) -> None:
+        """Space the next held-out evaluation so the monitor stays within its budget; the ranks agree
+        on the largest gap (an evaluation is a collective: every rank must run it at the same batch)."""
+        cost = self._eval_seconds["heldout"] + (self._eval_seconds["incoming"] if self.incoming_every_n_steps else 0.0)
+        gaps = [g for g in gather_objects(self.schedule.propose_gap(cost), trainer.world_size) if g is not None]
+        if gaps:
+            self.schedule.plan(self.tracker.latest_batch, max(gaps))
+        if self.schedule.curation_over_budget():
+            self.report.warn_once("budget", f"{self._tag}: curation alone takes more than budget={self.budget} of the "
+                                  "training time; held-out evaluations are spaced to the maximum. Use a cheaper policy "
+                                  "(gate_budget, score_key='log_prior', every_n_steps) or a larger budget.")
+
     def _time_metrics(self, seconds: float) -> Dict[str, float]:
-        wall = time.perf_counter() - self._t0 if self._t0 is not None else 0.0
+        wall = time.perf_counter() - self._t0 - self._burst if self._t0 is not None else 0.0
         k = self.keys
-        return {k.time("score_seconds"): seconds, k.time("total_score_seconds"): self._seconds_total,
-                k.time("share"): self._seconds_run / wall if wall > 0 else 0.0,
-                k("monitor", "failures_total"): float(self.failures.total)}
+        metrics = {k.time("score_seconds"): seconds, k.time("total_score_seconds"): self._seconds_total,
+                   k.time("share"): (self._seconds_run - self._burst) / wall if wall > 0 else 0.0,
+                   k.time("fit_start_seconds"): self._burst,
+                   k("monitor", "failures_total"): float(self.failures.total)}
+        if self.budget is not None:
+            metrics[k.time("budget")] = self.budget
+        if self.schedule.gap is not None:
+            metrics[k.time("heldout_gap")] = float(self.schedule.gap)
+        return metrics
 
     def _add_seconds(self, seconds: float) -> None:
         self._seconds_total += seconds

@@ -1,0 +1,88 @@
+"""When the monitor scores: a fixed cadence, or a share of the training wall time (the budget).
+
+With a budget, the held-out evaluation (and the incoming rows scored with the same weights right
+after it) is spaced so that its cost stays within ``budget`` of the wall time:
+
+    gap = ceil(E / (budget·(s + c) − c))
+
+batches between evaluations, where E is the measured cost of one evaluation, s the median wall time
+of a training batch without the monitor and c the monitor's per-batch curation cost (which cannot
+be spaced out: a policy decides every batch). When curation alone exceeds the budget, evaluations
+fall back to ``max_gap`` and the monitor says so. The first evaluation, at fit start, is a burst
+outside the budget (reported as ``time/fit_start_seconds``). No Lightning import: plain numbers.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+from typing import Optional, Union
+
+#: Training batches timed before the first budget plan.
+WARMUP_BATCHES = 5
+
+
+class Schedule:
+    def __init__(self, every_n_steps: Optional[int], incoming_every_n_steps: Union[int, str, None],
+                 budget: Optional[float], max_gap: int = 100_000) -> None:
+        if budget is not None and not 0.0 < budget < 1.0:
+            raise ValueError(f"budget={budget!r} must be a fraction of wall time in (0, 1), e.g. 0.05, or None.")
+        if every_n_steps is None and budget is None:
+            raise ValueError("give every_n_steps (a fixed cadence) or budget (a share of wall time).")
+        if incoming_every_n_steps not in (None, "auto") and not (
+                isinstance(incoming_every_n_steps, int) and incoming_every_n_steps >= 1):
+            raise ValueError(f"incoming_every_n_steps must be a positive integer, 'auto' or None; got {incoming_every_n_steps!r}.")
+        self.every_n_steps, self.incoming_every_n_steps = every_n_steps, incoming_every_n_steps
+        self.budget, self.max_gap = budget, max_gap
+        self.next_heldout: Optional[int] = None  # budget mode: the batch of the next evaluation
+        self.gap: Optional[int] = None
+        self.step_seconds: deque = deque(maxlen=50)
+        self.curation_seconds: deque = deque(maxlen=50)
+
+    @property
+    def budgeted(self) -> bool:
+        """Evaluations spaced by the budget (no fixed ``every_n_steps``)."""
+        return self.every_n_steps is None
+
+    def heldout_due(self, batch: int) -> bool:
+        if not self.budgeted:
+            return batch % self.every_n_steps == 0
+        return self.next_heldout is not None and batch >= self.next_heldout
+
+    def incoming_due(self, batch: int, latest_heldout_batch: int) -> bool:
+        if self.incoming_every_n_steps is None:
+            return False
+        if self.incoming_every_n_steps == "auto":  # right after each held-out evaluation: same weights
+            return batch == latest_heldout_batch
+        return batch % self.incoming_every_n_steps == 0
+
+    def needs_plan(self) -> bool:
+        return self.budgeted and self.next_heldout is None and len(self.step_seconds) >= WARMUP_BATCHES
+
+    def note_batch(self, train_seconds: float, curation_seconds: float) -> None:
+        """One training batch's wall time without the monitor, and what curation cost in it."""
+        self.step_seconds.append(max(train_seconds, 0.0))
+        self.curation_seconds.append(max(curation_seconds, 0.0))
+
+    def propose_gap(self, evaluation_seconds: float) -> Optional[int]:
+        """Batches until the next evaluation that keep its cost within the budget (this rank's view;
+        the ranks agree on the largest). None before any batch was timed."""
+        if not self.step_seconds:
+            return None
+        s = statistics.median(self.step_seconds)
+        c = statistics.median(self.curation_seconds)
+        room = self.budget * (s + c) - c
+        if room <= 0:
+            return self.max_gap
+        return int(min(self.max_gap, max(1, math.ceil(evaluation_seconds / room))))
+
+    def plan(self, last_heldout_batch: int, gap: int) -> None:
+        self.gap = gap
+        self.next_heldout = last_heldout_batch + gap
+
+    def curation_over_budget(self) -> bool:
+        if not self.curation_seconds or self.budget is None:
+            return False
+        s, c = statistics.median(self.step_seconds), statistics.median(self.curation_seconds)
+        return c > self.budget * (s + c)

@@ -1,0 +1,64 @@
+"""When the monitor scores: the budget arithmetic on given numbers, and the monitor following its plan."""
+
+import math
+
+import pytest
+import torch
+
+from jepa_monitor.callbacks._schedule import WARMUP_BATCHES, Schedule
+from test_callback import TinyModule, monitor, train_loader, trainer
+
+
+def test_gap_keeps_evaluation_cost_within_the_budget():
+    s = Schedule(None, "auto", budget=0.05)
+    assert s.propose_gap(1.0) is None  # nothing timed yet
+    for t in (0.10, 0.30, 0.10, 0.12, 0.08):  # median training batch: 0.10 s
+        s.note_batch(t, 0.0)
+    # E / (budget * s) = 2.0 / 0.005 = 400 batches: 2 s of evaluation per 40 s of training = 5 %.
+    assert s.propose_gap(2.0) == 400
+    assert s.propose_gap(2.0) * 0.10 * 0.05 >= 2.0
+    assert s.propose_gap(1e-9) == 1
+
+
+def test_curation_cost_is_taken_out_of_the_budget_first():
+    s = Schedule(None, "auto", budget=0.2)
+    for _ in range(WARMUP_BATCHES):
+        s.note_batch(0.10, 0.02)  # curation: 0.02 s of every 0.12 s batch
+    room = 0.2 * 0.12 - 0.02
+    assert s.propose_gap(1.0) == math.ceil(1.0 / room)
+    assert not s.curation_over_budget()
+    over = Schedule(None, "auto", budget=0.1, max_gap=777)
+    for _ in range(WARMUP_BATCHES):
+        over.note_batch(0.10, 0.05)  # curation alone is a third of the time
+    assert over.curation_over_budget() and over.propose_gap(1.0) == 777
+
+
+def test_fixed_cadence_and_incoming_modes():
+    fixed = Schedule(10, 3, budget=0.05)
+    assert not fixed.budgeted and [b for b in range(25) if fixed.heldout_due(b)] == [0, 10, 20]
+    assert [b for b in range(10) if fixed.incoming_due(b, latest_heldout_batch=0)] == [0, 3, 6, 9]
+    auto = Schedule(None, "auto", budget=0.05)
+    assert auto.incoming_due(7, latest_heldout_batch=7) and not auto.incoming_due(8, latest_heldout_batch=7)
+    assert not Schedule(10, None, budget=None).incoming_due(0, 0)
+    assert not auto.needs_plan() and not auto.heldout_due(10 ** 6)  # no plan before batches are timed
+    with pytest.raises(ValueError, match="budget"):
+        Schedule(None, "auto", budget=1.5)
+    with pytest.raises(ValueError, match="every_n_steps"):
+        Schedule(None, "auto", budget=None)
+    with pytest.raises(ValueError, match="incoming_every_n_steps"):
+        Schedule(None, 0, budget=0.05)
+
+
+def test_monitor_follows_its_budget_plan(tmp_path):
+    torch.manual_seed(0)
+    cb = monitor(every_n_steps=None, budget=0.5, incoming_every_n_steps="auto")
+    trainer(tmp_path, [cb], max_epochs=4).fit(TinyModule(), train_loader())
+    held = [h["batch"] for h in cb.history if h["split"] == "heldout"]
+    incoming = [h["batch"] for h in cb.history if h["split"] == "incoming"]
+    assert held[0] == 0 and cb.schedule.gap is not None and cb.schedule.gap >= 1
+    # After the plan, evaluations are spaced by the planned gaps, and incoming rows are scored right
+    # after each held-out evaluation that training continued past (same weights).
+    assert all(b > a for a, b in zip(held, held[1:]))
+    assert set(incoming) <= set(held) and incoming[0] == 0
+    state = cb.state_dict()["schedule"]
+    assert state["next_heldout"] == held[-1] + state["gap"]  # every plan starts at the latest evaluation
