@@ -58,6 +58,8 @@ class Curation:
             if hasattr(self.policy, "record_not_applied"):
                 self.policy.record_not_applied(edit.not_applied)
             keep = torch.ones_like(keep)
+            if not edit.weights_written:  # nor did a weight reach the loss: the rows trained at weight 1
+                weight = torch.ones_like(weight)
         touched = (~keep) | (weight < 1)
         if touched.any():
             sel = touched.nonzero().reshape(-1)
