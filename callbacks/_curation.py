@@ -53,6 +53,7 @@ class Curation:
                               mode=self.policy.mode)
         keep = decision.keep.detach().cpu().bool()
         weight = decision.weight.detach().cpu().float()
+        touched = (~keep) | (weight < 1)  # rows the policy acted on, exported with what training saw
         if edit.not_applied:
             # Training sees these rows: the counters and the export must say so.
             if hasattr(self.policy, "record_not_applied"):
@@ -60,7 +61,6 @@ class Curation:
             keep = torch.ones_like(keep)
             if not edit.weights_written:  # nor did a weight reach the loss: the rows trained at weight 1
                 weight = torch.ones_like(weight)
-        touched = (~keep) | (weight < 1)
         if touched.any():
             sel = touched.nonzero().reshape(-1)
             score_key = self.policy.score_key
