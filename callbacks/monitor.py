@@ -28,6 +28,7 @@ from ._failures import FailureCounter
 from ._heldout import HeldoutSet, load_heldout, side_inputs, trim_for_trust
 from ._reporting import Reporter
 from ._schedule import Schedule
+from ._synchronous import SynchronousScorer, is_sharded
 from ._tensorboard import write_histograms
 
 ALERT_MEANING = {"data_shift": "incoming rows differ from held-out rows scored with the same weights",
@@ -129,6 +130,9 @@ class JEPAScoreMonitor(Callback):
         alert_on: which alerts warn: ``("data_shift",)`` by default; add ``"model_change"``.
         num_images: images per grid (0: none). export: ``True``/``"csv"``, ``"parquet"`` or False.
         max_failures: consecutive failures after which measurements (or curation) stop.
+        rank_synchronous: pad every rank's scored rows to the same count so every rank runs the same
+            forward and backward passes (needed when parameters are sharded, FSDP); ``"auto"``: on
+            for sharded strategies only.
         seed: seed of the private generator that picks incoming rows.
     """
 
@@ -157,6 +161,7 @@ class JEPAScoreMonitor(Callback):
         num_images: int = 8,
         export: Union[bool, str] = True,
         max_failures: int = 3,
+        rank_synchronous: Union[bool, str] = "auto",
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -178,6 +183,10 @@ class JEPAScoreMonitor(Callback):
         self.components, self.score_options, self.policy = tuple(components), dict(score_options or {}), policy
         self.drift_component, self.drift_threshold, self.alert_on = drift_component, drift_threshold, tuple(alert_on)
         self.num_images, self.export, self.seed = num_images, export, seed
+        if rank_synchronous not in (True, False, "auto"):
+            raise ValueError(f"rank_synchronous={rank_synchronous!r}: use True, False or 'auto'.")
+        self.rank_synchronous = rank_synchronous
+        self._sync_world: Optional[int] = None  # set at fit start: pad every rank's rows alike
         self.report = Reporter(self.keys, self._tag, components=self.components, image_component=drift_component,
                                num_images=num_images, export=export)
         self.weight_key = policy_key if policy_key != "sample_weight" else weight_key
@@ -262,8 +271,12 @@ class JEPAScoreMonitor(Callback):
 
     # ------------------------------------------------------------------ configuration
     def scorer(self, pl_module: Any) -> Scorer:
-        """The :class:`~jepa_monitor.Scorer` of the module's current encoder and ``score_options``."""
-        return build_scorer(pl_module, self.encoder, self.score_options)
+        """The :class:`~jepa_monitor.Scorer` of the module's current encoder and ``score_options``
+        (rank-synchronous under sharded training, see ``callbacks/_synchronous.py``)."""
+        scorer = build_scorer(pl_module, self.encoder, self.score_options)
+        if self._sync_world is None or self._data is None:
+            return scorer
+        return SynchronousScorer(scorer, self._sync_world, self._data.rows(torch.arange(1), pl_module.device))
 
     def _check_input(self, x: torch.Tensor, where: str) -> None:
         if not x.is_floating_point() and "input_module" not in self.score_options:
@@ -303,6 +316,8 @@ class JEPAScoreMonitor(Callback):
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         self._t0, self._seconds_run, self._checked_batch = time.perf_counter(), 0.0, False
         self._clock, self._burst = None, 0.0
+        sync = self.rank_synchronous is True or (self.rank_synchronous == "auto" and is_sharded(trainer.strategy))
+        self._sync_world = trainer.world_size if sync and trainer.world_size > 1 else None
         self._prepare(pl_module)
         if not trainer.loggers:
             self.report.warn_once("nologger", f"{self._tag}: the Trainer has no logger; scores are exported to "

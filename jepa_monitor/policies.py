@@ -440,7 +440,8 @@ class ThresholdPolicy:
                 full = nearest_rows(undecided, cheap + self.jacobian_center, self.threshold, self.gate_budget)
             estimated = int((undecided & ~full).sum())
         rows = full.nonzero().reshape(-1)
-        if rows.numel():
+        # A rank-synchronous scorer (sharded training) must be called on every rank alike, even with no row.
+        if rows.numel() or getattr(scorer, "synchronized", False):
             s = score_fn(x[rows], **_slice_side(side, rows, n))
             scores[rows] = getattr(s, self.score_key).to(device=device, dtype=torch.float32)
             if cheap is not None and self.jacobian_range is not None:

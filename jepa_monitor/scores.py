@@ -44,6 +44,11 @@ class SampleScores:
         """min(K, D): how many singular values each score sums."""
         return min(self.embed_dim, self.input_dim)
 
+    def select(self, index: torch.Tensor) -> "SampleScores":
+        """The rows ``index`` of every per-sample field."""
+        return SampleScores(self.jepa_score[index], self.log_prior[index], self.log_density[index],
+                            self.n_floored[index], self.embedding[index], self.input_dim, self.method)
+
     def components(self) -> dict:
         """{component name: (B,) scores} for every name of :data:`COMPONENTS`."""
         return {c: getattr(self, c) for c in COMPONENTS}

@@ -145,3 +145,93 @@ def test_ddp_two_cpu_processes(tmp_path):
     assert r0["dropped"] == 0 and r1["dropped"] == 2
     gone = out["kept"] == 0
     assert len(out["sample_id"][gone]) == 2 and all(int(i) % 2 == 1 for i in out["sample_id"][gone])
+
+
+SYNC_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+    import lightning.pytorch as pl
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader
+    from jepa_monitor.callbacks import JEPAScoreMonitor
+    from jepa_monitor.policies import Drop
+
+    out_dir, synchronous = sys.argv[1], sys.argv[2] == "1"
+    torch.manual_seed(0)
+    encoder = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+    passes = {"forward_rows": [], "backward": 0}
+
+    # Scoring runs the encoder in eval mode, training in train mode: count the scoring passes only.
+    def on_forward(m, inputs, out):
+        if not m.training:
+            passes["forward_rows"].append(int(inputs[0].shape[0]))
+
+    def on_backward(m, grad_out):
+        if not m.training:
+            passes["backward"] += 1
+
+    encoder.register_forward_hook(on_forward)
+    encoder.register_full_backward_pre_hook(on_backward)
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.encoder = encoder
+
+        def training_step(self, batch, batch_idx):
+            return self.encoder(batch[0]).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    g = torch.Generator().manual_seed(1)
+    heldout = torch.randn(11, 5, generator=g)          # 6 rows on rank 0, 5 on rank 1
+    rank = int(os.environ.get("LOCAL_RANK", 0))
+    n = 9 if rank == 0 else 7                          # last batches of 3 and 1 rows
+    x = torch.randn(n, 5, generator=torch.Generator().manual_seed(2 + rank))
+    if rank == 1:
+        x += 50.0                                      # rank 1's rows are all junk: its gate scores others
+    train = [[x[i], i] for i in range(n)]
+    cb = JEPAScoreMonitor("encoder", heldout, every_n_steps=2, input_key=0, id_key=1, incoming_every_n_steps=1,
+                          incoming_max_rows=3, score_options={"batch_size": 2}, export=False,
+                          policy=Drop(quantile=0.05, warmup=0, min_keep=1, max_drop_fraction=1.0),
+                          rank_synchronous=synchronous)
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False,
+                         use_distributed_sampler=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, default_root_dir=out_dir, callbacks=[cb])
+    trainer.fit(Module(), DataLoader(train, batch_size=3))
+    with open(os.path.join(out_dir, f"sync{int(synchronous)}_rank{trainer.global_rank}.json"), "w") as fh:
+        json.dump({**passes, "reference": cb.reference["jepa_score"].tolist(),
+                   "dropped": cb.policy.counts["rows_dropped"]}, fh)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    """
+)
+
+
+def _run_sync_script(tmp_path, synchronous: bool):
+    script = tmp_path / "sync_run.py"
+    script.write_text(SYNC_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("LOCAL_RANK", None)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path), str(int(synchronous))], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 0, proc.stderr[-8000:] + proc.stdout[-2000:]
+    return [json.loads((tmp_path / f"sync{int(synchronous)}_rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_rank_synchronous_scoring_runs_the_same_passes_on_every_rank(tmp_path):
+    """What sharded (FSDP) training needs, checked under DDP (Lightning's FSDP needs a GPU): with
+    uneven held-out shards (6/5 rows), uneven last batches (3/1 rows) and a rank whose every row is
+    junk (its gate sends different rows to the Jacobian), every rank runs the same forward passes
+    with the same row counts and the same number of backward passes. Without it they differ, which
+    under FSDP is a hang."""
+    free = _run_sync_script(tmp_path, synchronous=False)
+    assert free[0]["forward_rows"] != free[1]["forward_rows"] or free[0]["backward"] != free[1]["backward"]
+    r0, r1 = _run_sync_script(tmp_path, synchronous=True)
+    assert r0["forward_rows"] == r1["forward_rows"] and r0["backward"] == r1["backward"] > 0
+    # Padding changes no score: the gathered reference equals the unsynchronised run's.
+    np.testing.assert_allclose(r0["reference"], free[0]["reference"], rtol=1e-6)
+    assert r1["dropped"] > 0 and r0["dropped"] == free[0]["dropped"] and r1["dropped"] == free[1]["dropped"]

@@ -1,0 +1,61 @@
+"""Rank-synchronous scoring, for training whose parameters are sharded across ranks (FSDP).
+
+Under FSDP every forward and backward pass of the encoder gathers parameter shards from all ranks:
+a rank that scores 6 rows while another scores 5 (one micro-batch more, or K backward passes more)
+waits forever in a collective the other never reaches. The wrapper below makes every ``score``
+call run the same passes on every rank: the ranks agree on the largest row count, each pads its
+rows to it (repeating a filler row) and drops the padding from the result. Curation then scores
+on every rank at every active batch, even a rank whose own rows needed no Jacobian.
+
+DDP does not need this (parameters are replicated; scoring makes no collective call), so the
+monitor turns it on by default only for sharded strategies (``rank_synchronous="auto"``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Tuple
+
+import torch
+
+from jepa_monitor.scores import SampleScores
+
+from ._distributed import gather_objects
+
+
+def is_sharded(strategy: Any) -> bool:
+    """FSDP, DeepSpeed and model-parallel strategies shard the module's parameters."""
+    name = type(strategy).__name__.lower()
+    return any(s in name for s in ("fsdp", "deepspeed", "modelparallel"))
+
+
+class SynchronousScorer:
+    """A :class:`~jepa_monitor.Scorer` whose every ``score`` call costs the same passes on every rank."""
+
+    synchronized = True
+
+    def __init__(self, scorer: Any, world_size: int, filler: Tuple[torch.Tensor, Dict[str, torch.Tensor]]) -> None:
+        self.scorer, self.world_size = scorer, world_size
+        self.filler_x, self.filler_side = filler  # one row (1, ...) and its side inputs
+
+    def embed(self, x: torch.Tensor, **side: Any) -> torch.Tensor:
+        return self.scorer.embed(x, **side)  # one forward per call; every rank calls it alike
+
+    def score(self, x: torch.Tensor, **side: Any) -> SampleScores:
+        n = x.shape[0]
+        target = max(gather_objects(n, self.world_size))
+        if target == n:
+            return self.scorer.score(x, **side)
+        pad = target - n
+        fx = self.filler_x.to(x.device, x.dtype) if n == 0 else x[-1:]
+        xs = torch.cat([x, fx.expand(pad, *fx.shape[1:])])
+        padded = {}
+        for k, v in side.items():
+            if isinstance(v, torch.Tensor) and v.ndim >= 1 and v.shape[0] == n:
+                fv = self.filler_side[k].to(v.device, v.dtype) if n == 0 else v[-1:]
+                v = torch.cat([v, fv.expand(pad, *fv.shape[1:])])
+            padded[k] = v
+        return self.scorer.score(xs, **padded).select(torch.arange(n, device=x.device))
+
+    def __call__(self, x: torch.Tensor, **side: Any) -> SampleScores:
+        return self.score(x, **side)
+
