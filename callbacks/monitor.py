@@ -236,6 +236,11 @@ class JEPAScoreMonitor(Callback):
         return self._history
 
     @property
+    def trust(self) -> Optional[float]:
+        """The latest trust indicator (NaN: unknown; None before the first held-out evaluation)."""
+        return self._trust
+
+    @property
     def disabled(self) -> bool:
         return self.failures.disabled
 

@@ -1,0 +1,80 @@
+"""The trust indicator as the monitor computes it, at its default settings, on encoders of real
+width (K = 256): one that maps its data exactly onto N(0, I) reads trusted; an L2-normalised and a
+low-rank one read untrusted; too few held-out rows read unknown, never trusted."""
+
+import math
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+
+from jepa_monitor.callbacks import JEPAScoreMonitor
+
+K = 256
+
+
+class Linear(nn.Module):
+    def __init__(self, a_inv: torch.Tensor, kind: str):
+        super().__init__()
+        self.register_buffer("a_inv", a_inv)
+        self.kind = kind
+
+    def forward(self, x):
+        z = x @ self.a_inv.T  # exactly N(0, I) for x = A·ε
+        if self.kind == "l2":
+            return nn.functional.normalize(z, dim=1)
+        if self.kind == "low_rank":
+            return torch.cat([z[:, : K // 4]] * 4, dim=1)  # rank K/4
+        return z
+
+
+class Module(pl.LightningModule):
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+        self.w = nn.Parameter(torch.zeros(1))
+
+    def training_step(self, batch, batch_idx):
+        return (self.w - 1).pow(2).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([self.w], lr=0.1)
+
+
+def trust_at_fit_start(kind: str, heldout_rows: int, tmp_path) -> float:
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(K, K, generator=g) / math.sqrt(K) + torch.eye(K)
+    x = torch.randn(heldout_rows, K, generator=g) @ a.T
+    monitor = JEPAScoreMonitor("encoder", heldout=x, export=False)  # the defaults otherwise
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, callbacks=[monitor],
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(Module(Linear(torch.linalg.inv(a), kind)), [x[:2]])
+    assert monitor._data.num_rows == min(heldout_rows, 4 * K)  # 4·K rows embedded for the diagnostics
+    return monitor.trust
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_gaussianizing_encoder_reads_trusted(tmp_path):
+    assert trust_at_fit_start("gaussian", 4 * K, tmp_path) >= 0.9
+
+
+@pytest.mark.parametrize("kind", ["l2", "low_rank"])
+def test_l2_normalised_and_low_rank_encoders_read_untrusted(kind, tmp_path):
+    trust = trust_at_fit_start(kind, 4 * K, tmp_path)
+    assert not math.isnan(trust) and trust < 0.5
+
+
+def test_too_few_rows_read_unknown_not_trusted(tmp_path):
+    # 200 rows for K = 256: nothing can be said (the old monitor read 0.998 here on a real encoder).
+    assert math.isnan(trust_at_fit_start("l2", 200, tmp_path))
