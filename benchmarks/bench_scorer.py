@@ -1,6 +1,8 @@
 """Cost of the scorer, measured side by side in one run on the same model and batch.
 
-    python benchmarks/bench_scorer.py [--quick] [--threads N]
+    python benchmarks/bench_scorer.py [--quick] [--threads N] [--device cuda]
+    python benchmarks/bench_scorer.py --rows [--quick]     # only the loop vs batched table
+    python benchmarks/bench_scorer.py --bounded [--quick]  # only the memory-bounded rows table
 
 For an MLP, a small CNN and a small ViT (patch embedding + 2 blocks through
 ``scaled_dot_product_attention``, mean-pooled), prints one table:
@@ -14,7 +16,12 @@ For an MLP, a small CNN and a small ViT (patch embedding + 2 blocks through
   chunk, not the activations) and the paper's listing.
 - slq vs exact at K = 256 and 1024: exact time / SLQ time (default options: 8 probes, 24 steps)
   and Spearman of the two scores.
-Then a second table: SLQ against exact as the Jacobian gets ill-conditioned (Spearman, mean bias).
+Then loop vs batched Jacobian rows (``score_samples(..., vectorize=None | 16 | 64 | "auto")``, one
+micro-batch) on the demo encoder, a demo-sized MLP and the three models above, at 16 rows (the
+curation gate's size) and a full batch; memory-bounded rows (``embedding_and_gram`` with budgets of
+a half and a quarter of the unbounded rows: time, recomputed rows, score difference); then SLQ
+against exact as the Jacobian gets ill-conditioned (Spearman, mean bias). ``--device cuda`` runs the models on the GPU (peak memory is then
+``torch.cuda.max_memory_allocated`` over the call instead of resident memory).
 
 Timings are medians of interleaved repeats (each candidate runs once per round, in turn), so load
 from other processes hits all candidates alike. Single-threaded by default: on a shared 2-core
@@ -38,8 +45,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from jepa_monitor import score_samples
+from jepa_monitor.jacobian import cached_vectorize_decisions
 
 IMAGE = (3, 32, 32)
+DEVICE = torch.device("cpu")  # set by --device
 
 
 class MLP(nn.Module):
@@ -107,11 +116,16 @@ MODELS = {"mlp": MLP, "cnn": CNN, "vit": ViT}
 
 def build(name: str, k: int, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return MODELS[name](k).eval()
+    return MODELS[name](k).eval().to(DEVICE)
 
 
-def batch(n: int, seed: int = 1) -> torch.Tensor:
-    return torch.randn(n, *IMAGE, generator=torch.Generator().manual_seed(seed))
+def batch(n: int, seed: int = 1, shape: tuple = IMAGE) -> torch.Tensor:
+    return torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 def floor(model, x):
@@ -132,8 +146,10 @@ def interleaved(fns: dict, repeats: int, warmup: bool = True) -> dict:
     times = {name: [] for name in fns}
     for rnd in range(repeats + int(warmup)):
         for name, fn in fns.items():
+            _sync()
             start = time.perf_counter()
             fn()
+            _sync()
             if rnd or not warmup:
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(ts) for name, ts in times.items()}
@@ -147,9 +163,19 @@ def child_memory(args) -> None:
     once, so RSS follows what is live.
     """
     torch.set_num_threads(args.threads)
+    global DEVICE
+    DEVICE = torch.device(args.device)
     model, x = build(args.model, args.k), batch(args.batch)
     with torch.no_grad():
         model(x[:1])
+    if DEVICE.type == "cuda":
+        _sync()
+        torch.cuda.reset_peak_memory_stats(DEVICE)
+        before = torch.cuda.memory_allocated(DEVICE)
+        _run_child(args, model, x)
+        _sync()
+        print(json.dumps({"increase_mib": (torch.cuda.max_memory_allocated(DEVICE) - before) / 2**20}))
+        return
     before = _rss_mib()
     peak, stop = [before], threading.Event()
 
@@ -160,15 +186,19 @@ def child_memory(args) -> None:
 
     sampler = threading.Thread(target=sample)
     sampler.start()
+    _run_child(args, model, x)
+    stop.set()
+    sampler.join()
+    print(json.dumps({"increase_mib": peak[0] - before}))
+
+
+def _run_child(args, model, x) -> None:
     if args.child == "exact":
         score_samples(model, x, memory_budget=args.budget)
     elif args.child == "floor":
         floor(model, x)
     else:
         paper_listing(model, x)
-    stop.set()
-    sampler.join()
-    print(json.dumps({"increase_mib": peak[0] - before}))
 
 
 def _rss_mib() -> float:
@@ -179,7 +209,7 @@ def _rss_mib() -> float:
 
 def memory(model: str, k: int, b: int, what: str, budget: int, threads: int) -> str:
     cmd = [sys.executable, __file__, "--child", what, "--model", model, "--k", str(k), "--batch", str(b),
-           "--budget", str(budget), "--threads", str(threads)]
+           "--budget", str(budget), "--threads", str(threads), "--device", str(DEVICE)]
     out = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
     return f"{out['increase_mib']:.0f}"
 
@@ -236,7 +266,7 @@ def breakdown(ks: tuple, b: int = 6) -> None:
                     "logdet": lambda: half_logdet(g),
                 }, 3)
             trace = g.diagonal(dim1=-2, dim2=-1).sum(-1)
-            eye = torch.eye(g.shape[-1], dtype=g.dtype)
+            eye = torch.eye(g.shape[-1], dtype=g.dtype, device=g.device)
             # half_logdet's fast path needs Cholesky of G - rel²·trace·I to succeed.
             slow = int((torch.linalg.cholesky_ex(g - 1e-12 * trace[:, None, None] * eye)[1] != 0).sum())
             print(f"| {name} | {k} | {t['floor']:.3f} | {t['rows']:.3f} | {t['gram']:.3f} | {t['logdet']:.3f} | {slow}/{b} |")
@@ -255,9 +285,108 @@ def sweep(k: int = 256, b: int = 24) -> None:
         cells = []
         for p, m in settings:
             approx = score_samples(model, x, method="slq", approx_options=dict(num_probes=p, lanczos_steps=m)).jepa_score
-            rho = scipy.stats.spearmanr(exact.numpy(), approx.numpy()).statistic
+            rho = scipy.stats.spearmanr(exact.cpu().numpy(), approx.cpu().numpy()).statistic
             cells.append(f"{rho:.3f} / {float((approx - exact).mean()):+.2f}")
         print(f"| {name} | {float(exact.std()):.2f} | " + " | ".join(cells) + " |")
+
+
+class DemoSizedMLP(nn.Module):
+    """The demo encoder's shape as an MLP: 8×8 input (D = 64) -> 64 -> 64 -> K = 16, GELU."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 16))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def _device_name() -> str:
+    return f"CUDA ({torch.cuda.get_device_name(DEVICE)})" if DEVICE.type == "cuda" else "CPU"
+
+
+def rows_table(quick: bool, repeats: int) -> None:
+    """Loop vs batched Jacobian rows through ``score_samples``, one micro-batch (``batch_size=B``).
+
+    Candidates, interleaved in one process: ``vectorize=None`` (one backward per row), 16 and 64
+    rows per vmapped backward, and ``"auto"`` (measured once per model and shape in the warm-up
+    round, then cached; the choice is printed). Ratios are loop time / candidate time (> 1: faster
+    than the loop).
+    """
+    from jepa_monitor.demo.model import DigitEncoder
+
+    def demo():
+        torch.manual_seed(0)
+        return DigitEncoder().eval().to(DEVICE)
+
+    def demo_mlp():
+        torch.manual_seed(0)
+        return DemoSizedMLP().eval().to(DEVICE)
+
+    full = 64 if quick else 128
+    cases = [("demo DigitEncoder", demo, (1, 8, 8), (16, full)), ("demo-sized MLP", demo_mlp, (1, 8, 8), (16, full))]
+    for name in MODELS:
+        cases.append((f"{name} (K=64)", lambda name=name: build(name, 64), IMAGE, (16,) if quick else (16, 64)))
+    print(f"\nLoop vs batched Jacobian rows ({_device_name()}, {torch.get_num_threads()} thread(s), one micro-batch, "
+          f"median of {repeats} interleaved repeats; ratio = loop time / candidate time):")
+    print("| model | K | D | B | loop s | W=16 s | W=64 s | auto s (choice) | loop/W=16 | loop/W=64 | loop/auto | max rel diff |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, make, shape, sizes in cases:
+        for b in sizes:
+            model, x = make(), batch(b, seed=3, shape=shape)
+            scores = {}
+
+            def run(key, vectorize, model=model, x=x, b=b):
+                scores[key] = score_samples(model, x, batch_size=b, vectorize=vectorize).jepa_score
+
+            k = model(x[:1]).shape[1]
+            fns = {"loop": lambda: run("loop", None), "16": lambda: run("16", 16)}
+            if k > 16:
+                fns["64"] = lambda: run("64", 64)
+            fns["auto"] = lambda: run("auto", "auto")
+            t = interleaved(fns, repeats)
+            choice = ",".join("loop" if w == 0 else f"W={w}" for w in cached_vectorize_decisions(model).values()) or "?"
+            ref = scores["loop"].double()
+            diff = max(float(((scores[c].double() - ref).abs() / ref.abs().clamp_min(1e-12)).max()) for c in fns)
+            w64 = f"{t['64']:.4f}" if "64" in t else "-"
+            r64 = f"{t['loop'] / t['64']:.2f}" if "64" in t else "-"
+            print(f"| {name} | {k} | {x[0].numel()} | {b} | {t['loop']:.4f} | {t['16']:.4f} | {w64} | {t['auto']:.4f} ({choice}) "
+                  f"| {t['loop'] / t['16']:.2f} | {r64} | {t['loop'] / t['auto']:.2f} | {diff:.1e} |", flush=True)
+
+
+def bounded_table(quick: bool, repeats: int) -> None:
+    """Memory-bounded Jacobian rows: ``embedding_and_gram`` under budgets of a half and a quarter of
+    what the unbounded call holds (``full_jacobian_bytes``), against the unbounded call: time,
+    recomputed rows (the plan) and the score difference. Loop rows (``vectorize=None``), one
+    micro-batch of B samples."""
+    from jepa_monitor._guards import scoring_context
+    from jepa_monitor.jacobian import embedding_and_gram, full_jacobian_bytes, plan_rows
+    from jepa_monitor.logdet import half_logdet
+
+    k, b = (128, 4) if quick else (256, 4)
+    d = IMAGE[0] * IMAGE[1] * IMAGE[2]
+    full = full_jacobian_bytes(b, k, d)
+    budgets = {"unbounded": None, "unbounded bytes / 2": full // 2, "unbounded bytes / 4": full // 4}
+    print(f"\nMemory-bounded Jacobian rows ({_device_name()}, K={k}, B={b}, D={d}, loop rows, median of {repeats} "
+          f"interleaved repeats; unbounded rows: float32 + float64 column chunk + Gram = {full / 2**20:.1f} MiB):")
+    print("| model | memory_budget | held rows | groups | row-VJPs / K | planned MiB | s | s / unbounded | max abs score diff (nats) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in MODELS:
+        model, x = build(name, k), batch(b, seed=4)
+        grams = {}
+
+        def run(label, budget, model=model, x=x):
+            with scoring_context(model, x.device):
+                grams[label] = embedding_and_gram(model, x, memory_budget=budget)[1]
+
+        t = interleaved({label: (lambda label=label, budget=budget: run(label, budget)) for label, budget in budgets.items()}, repeats)
+        ref = half_logdet(grams["unbounded"])[0]
+        for label, budget in budgets.items():
+            plan = plan_rows(b, k, d, budget)
+            diff = float((half_logdet(grams[label])[0] - ref).abs().max())
+            mib = "-" if budget is None else f"{budget / 2**20:.2f}"
+            print(f"| {name} | {label} ({mib} MiB) | {plan.held} | {plan.groups} | {plan.vjp_rows / k:.2f} | "
+                  f"{plan.planned_bytes / 2**20:.2f} | {t[label]:.3f} | {t[label] / t['unbounded']:.2f} | {diff:.1e} |", flush=True)
 
 
 def main() -> None:
@@ -268,6 +397,11 @@ def main() -> None:
                         help="only print SLQ accuracy for three settings on the benchmark models at K = 256 (~5 min)")
     parser.add_argument("--breakdown", action="store_true",
                         help="only print the exact path's time stage by stage at K = 64 and 1024 (~10 min on a busy 2-core machine)")
+    parser.add_argument("--rows", action="store_true",
+                        help="only print the loop vs batched Jacobian rows table (~2 min on CPU, ~40 s with --quick)")
+    parser.add_argument("--bounded", action="store_true",
+                        help="only print the memory-bounded rows table (~2 min on CPU, ~1 min with --quick)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--child", choices=["exact", "floor", "paper"], help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--k", type=int, help=argparse.SUPPRESS)
@@ -278,7 +412,15 @@ def main() -> None:
         child_memory(args)
         return
 
+    global DEVICE
+    DEVICE = torch.device(args.device)
     torch.set_num_threads(args.threads)
+    if args.rows:
+        rows_table(args.quick, 3 if args.quick else 5)
+        return
+    if args.bounded:
+        bounded_table(args.quick, 3)
+        return
     if args.breakdown:
         breakdown((64, 1024))
         return
@@ -290,7 +432,7 @@ def main() -> None:
     b_approx, repeats_approx = (16 if args.quick else 24), 1
     k_big = (256,) if args.quick else (256, 1024)
     budget = 8 * 2**20
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU, input {IMAGE}, "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {_device_name()}, input {IMAGE}, "
           f"B={b} at K={k_small}, B={b_approx} for slq vs exact, memory_budget={budget // 2**20} MiB, "
           f"median of {repeats} interleaved repeats (large K: one run each)")
     header = ("model", "floor s", "exact/floor auto", "exact/floor B", "paper/ours", "peak MiB floor",
@@ -316,7 +458,7 @@ def main() -> None:
                 scores[method] = score_samples(model_k, xa, method=method).jepa_score
 
             t = interleaved({"exact": lambda: run("exact"), "slq": lambda: run("slq")}, repeats_approx, warmup=False)
-            rho = scipy.stats.spearmanr(scores["exact"].numpy(), scores["slq"].numpy()).statistic
+            rho = scipy.stats.spearmanr(scores["exact"].cpu().numpy(), scores["slq"].cpu().numpy()).statistic
             row.append(f"{t['exact'] / t['slq']:.2f}, {rho:.2f}")
         rows.append(row)
         print(f"  {name} done after {time.perf_counter() - began:.0f} s", file=sys.stderr, flush=True)
@@ -325,6 +467,8 @@ def main() -> None:
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for r in rows:
         print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
+    rows_table(args.quick, repeats)
+    bounded_table(args.quick, 3)
     conditioning_table(((8, 24),) if args.quick else ((8, 24), (32, 24), (8, 64)))
 
 

@@ -96,7 +96,9 @@ half the bytes of the float32 rows. (Measured on CPU, 1 thread, the (16, 64, 307
 
 _MAX_STREAM = 16  # rows streamed past a held group at a time
 _AUTO_LOOP_ROWS = 8  # rows timed for the loop (per-row cost is steady)
-_AUTO_ROUNDS = 2  # interleaved timing rounds; the minimum of each candidate is compared
+_AUTO_ROUNDS = 2  # interleaved timing rounds at least; the minimum of each candidate is compared
+_AUTO_MIN_SECONDS = 0.15  # ... and more rounds until the timed calls have taken this long
+_AUTO_MAX_ROUNDS = 32
 _AUTO_MARGIN = 0.9  # batched must be at least 10 % faster per row to replace the loop
 
 
@@ -276,10 +278,12 @@ class _Rows:
     failure (an op without a vmap rule) falls back to the loop, out of memory halves the width.
     With ``auto`` set, the first :meth:`fill` times both and keeps (and caches) the faster."""
 
-    def __init__(self, z: torch.Tensor, leaf: torch.Tensor, width: int, auto: Optional[tuple] = None):
+    def __init__(self, z: torch.Tensor, leaf: torch.Tensor, width: int, auto: Optional[tuple] = None,
+                 quiet: bool = False):
         self.z, self.leaf, self.width = z, leaf, width
         self._auto = auto  # (encoder, key) while a decision is pending
-        self.computed = 0  # Jacobian rows produced (all samples at once), the measurement included
+        # "auto" chose batching by timing it: vmap's per-op "performance drop" notice is no news.
+        self._quiet = quiet or auto is not None
 
     def fill(self, out: torch.Tensor, k0: int) -> None:
         done = self._decide(out, k0) if self._auto is not None else 0
@@ -289,8 +293,10 @@ class _Rows:
     def _fill(self, out: torch.Tensor, k0: int) -> None:
         while self.width >= 2:
             try:
-                _vjp_rows_batched(self.z, self.leaf, out, self.width, k0)
-                self.computed += out.shape[1]
+                with warnings.catch_warnings():
+                    if self._quiet:
+                        warnings.simplefilter("ignore", UserWarning)
+                    _vjp_rows_batched(self.z, self.leaf, out, self.width, k0)
                 return
             except NotDifferentiableError:
                 raise
@@ -301,7 +307,6 @@ class _Rows:
             except (RuntimeError, NotImplementedError):
                 self.width = 0  # no batching rule for some op: the loop computes the same rows
         _vjp_rows_loop(self.z, self.leaf, out, k0)
-        self.computed += out.shape[1]
 
     def _decide(self, out: torch.Tensor, k0: int) -> int:
         """Time the loop and the batched backward on this block's first rows (its rows are kept:
@@ -330,10 +335,13 @@ class _Rows:
                 _cache_put(encoder, key, 0)
                 return 0
             t_loop = t_batched = math.inf
-            for _ in range(_AUTO_ROUNDS):
-                t_loop = min(t_loop, _timed(lambda: _vjp_rows_loop(self.z, self.leaf, first[:, :loop_rows], k0), device))
-                t_batched = min(t_batched, _timed(lambda: _vjp_rows_batched(self.z, self.leaf, first, width, k0), device))
-        self.computed += (1 + _AUTO_ROUNDS) * width + _AUTO_ROUNDS * loop_rows
+            rounds = spent = 0
+            # Small models take well under a millisecond per call, less than one time slice of a
+            # busy machine: keep timing (minimum of each) until the candidates have had 150 ms.
+            while rounds < _AUTO_ROUNDS or (spent < _AUTO_MIN_SECONDS and rounds < _AUTO_MAX_ROUNDS):
+                a = _timed(lambda: _vjp_rows_loop(self.z, self.leaf, first[:, :loop_rows], k0), device)
+                c = _timed(lambda: _vjp_rows_batched(self.z, self.leaf, first, width, k0), device)
+                t_loop, t_batched, spent, rounds = min(t_loop, a), min(t_batched, c), spent + a + c, rounds + 1
         self.width = width if t_batched / width < _AUTO_MARGIN * t_loop / loop_rows else 0
         _cache_put(encoder, key, self.width)
         return width
@@ -349,7 +357,7 @@ def _rows_for(encoder, z, leaf, vectorize: Vectorize, memory_budget: Optional[in
     key = (tuple(leaf.shape), k_dim, str(z.device), z.dtype)
     cached = _cache_get(encoder, key)
     if cached is not None:
-        return _Rows(z, leaf, cached)
+        return _Rows(z, leaf, cached, quiet=True)
     width = auto_width(z.device, k_dim, b, d_dim, memory_budget)
     if width < 2:
         _cache_put(encoder, key, 0)
@@ -373,7 +381,7 @@ class RowPlan:
         groups: K <= D: held groups, i.e. passes over the rows (1 when all K fit).
         column_chunk: K <= D: features converted to float64 at once; K > D: rows per float64 piece.
         vjp_rows: Jacobian rows computed in all (each is one VJP for all b samples): K when the
-            rows fit, K·(groups + 1)/2 when the rows are recomputed group by group.
+            rows fit, about K·(groups + 1)/2 when the rows are recomputed group by group.
         planned_bytes: float32 row buffers + the largest float64 pieces + the Gram, for b samples.
     """
 

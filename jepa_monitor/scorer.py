@@ -25,8 +25,8 @@ from torch import nn
 from ._guards import scoring_context
 from .approx import slq_chunk
 from .gaussian import log_prior64
-from .jacobian import differentiation_point, embedding_and_jacobian
-from .logdet import PAPER_ABS_FLOOR, gram, half_logdet
+from .jacobian import Vectorize, differentiation_point, embedding_and_gram, full_jacobian_bytes
+from .logdet import PAPER_ABS_FLOOR, half_logdet
 from .outputs import OutputSelector, Pooling, embed, select_output
 from .progress import progress_bar
 from .scores import SampleScores
@@ -64,8 +64,12 @@ class Scorer:
             counted in ``n_floored``.
         batch_size: micro-batch size; by default chosen so one micro-batch's Jacobian fits in
             ``memory_budget`` bytes. Out of memory halves it and retries.
-        memory_budget: bytes one micro-batch's Jacobian may take.
-        vectorize: Jacobian rows per batched backward pass; None loops over rows.
+        memory_budget: bytes one micro-batch's Jacobian rows and Gram may take (activations are not
+            counted); when one sample's rows do not fit, rows are held in groups and recomputed.
+        vectorize: Jacobian rows per batched backward pass: an int, ``"auto"`` (time the row loop
+            against batched rows once per encoder and shape, keep the faster), 0 (the loop), or None:
+            ``"auto"`` on an accelerator and the loop on CPU, where batched rows measured 0.65–2.5×
+            the loop's speed depending on the model (BENCHMARKS.md, "Jacobian rows").
         approx_options: keyword options of the approximate method.
         mask_key: the side input that marks real (1) and padding (0) tokens for ``pool="mean"``.
         progress: show a progress bar (rows, rows/s) while scoring.
@@ -81,7 +85,7 @@ class Scorer:
     rel_floor: float = 1e-6
     batch_size: Optional[int] = None
     memory_budget: int = DEFAULT_MEMORY_BUDGET
-    vectorize: Optional[int] = None
+    vectorize: Vectorize = None
     approx_options: Optional[dict] = None
     mask_key: str = "attention_mask"
     progress: bool = False
@@ -183,6 +187,11 @@ class Scorer:
     def __call__(self, x: torch.Tensor, **side: Any) -> SampleScores:
         return self.score(x, **side)
 
+    def _vectorize(self, x: torch.Tensor) -> Vectorize:
+        if self.vectorize is None:
+            return "auto" if x.device.type != "cpu" else None
+        return self.vectorize
+
     def _floors(self):
         return (None, PAPER_ABS_FLOOR) if self.paper else (self.rel_floor, None)
 
@@ -193,9 +202,9 @@ class Scorer:
             return self._embedding(inp, side)
 
         if self.method == "exact":
-            z, jac = embedding_and_jacobian(f, x, input_module=self.input_module, vectorize=self.vectorize)
-            d_dim = jac.shape[-1]
-            s, floored = half_logdet(gram(jac), rel_floor=rel_floor, abs_floor=abs_floor)
+            z, g, d_dim = embedding_and_gram(f, x, input_module=self.input_module, vectorize=self._vectorize(x),
+                                             memory_budget=self.memory_budget, cache_key=self.encoder)
+            s, floored = half_logdet(g, rel_floor=rel_floor, abs_floor=abs_floor)
             return z, s, floored, d_dim
         return slq_chunk(f, x, input_module=self.input_module, rel_floor=rel_floor, abs_floor=abs_floor,
                          **(self.approx_options or {}))
@@ -211,11 +220,9 @@ class Scorer:
 
 
 def micro_batch_size(k_dim: int, d_dim: int, memory_budget: int) -> int:
-    """Samples whose Jacobian fits ``memory_budget`` bytes: the float32 (K, D) Jacobian, its float64
-    copy and the Gram (activations are not counted)."""
-    n = min(k_dim, d_dim)
-    per_sample = k_dim * d_dim * 12 + n * n * 8
-    return max(1, memory_budget // per_sample)
+    """Samples whose Jacobian rows and Gram fit ``memory_budget`` bytes together (see
+    :func:`jepa_monitor.jacobian.full_jacobian_bytes`); at least 1, whose rows are then chunked."""
+    return max(1, memory_budget // full_jacobian_bytes(1, k_dim, d_dim))
 
 
 def _check_input(x: Any, *, input_module: Optional[nn.Module], need_float: bool) -> torch.Tensor:
