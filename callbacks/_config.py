@@ -5,12 +5,17 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
+import torch
 from torch import nn
+
+from jepa_monitor.batches import Key, get_ids, get_input
 
 from jepa_monitor.export import FORMATS
 from jepa_monitor.monitoring import ALERTS
 from jepa_monitor.scorer import Scorer
 from jepa_monitor.scores import COMPONENTS
+
+from ._heldout import side_inputs
 
 
 def check_arguments(*, heldout: Any, encoder: Any, every_n_steps: Optional[int], heldout_max_samples: int,
@@ -74,3 +79,17 @@ def build_scorer(pl_module: Any, encoder: Any, score_options: dict) -> Scorer:
     if isinstance(options.get("input_module"), str):
         options["input_module"] = resolve_attribute(pl_module, options["input_module"], "score_options['input_module']")
     return Scorer(enc, **options)
+
+
+def check_input_dtype(x: torch.Tensor, where: str, score_options: dict) -> None:
+    if not x.is_floating_point() and "input_module" not in score_options:
+        raise TypeError(f"{where} has dtype {x.dtype}, which cannot carry gradients; for token ids pass "
+                        "score_options={'input_module': '<dotted path of the embedding layer>'}.")
+
+
+def check_batch(batch: Any, *, input_key: Key, id_key: Key, side_keys: dict, score_options: dict) -> None:
+    """Everything the monitor reads from a training batch is there (raises naming what is not)."""
+    x = get_input(batch, input_key)
+    get_ids(batch, id_key, x.shape[0])
+    side_inputs(batch, side_keys)
+    check_input_dtype(x, f"input_key={input_key!r}", score_options)

@@ -6,6 +6,7 @@ warning, never the end of the training run.
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
@@ -14,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from jepa_monitor.batches import looks_like_images
 from jepa_monitor.export import ScoreExporter, export_path
-from jepa_monitor.monitoring import MetricKeys
+from jepa_monitor.monitoring import MetricKeys, is_trusted
 
 from ._tensorboard import first_writer_dir, summary_writers, write_extremes, write_histograms
 
@@ -28,11 +29,41 @@ class Reporter:
         self.image_component, self.num_images, self.export = image_component, num_images, export
         self.exporter: Optional[ScoreExporter] = None
         self.warned: set = set()
+        self.warnings_on: Dict[str, bool] = {}  # trust / agreement warnings: once per episode
 
     def warn_once(self, key: str, message: str) -> None:
         if key not in self.warned:
             self.warned.add(key)
             rank_zero_warn(message)
+
+    def alerts(self, kinds: Sequence[str], batch: int, component: str, threshold: float, meanings: Dict[str, str]) -> None:
+        """Warn for each alert in ``kinds`` (alerts that just turned on and are asked for)."""
+        for kind in kinds:
+            rank_zero_warn(f"{self.tag}: {kind.replace('_', ' ')} alert at training batch {batch}: KS statistic of "
+                           f"{component} > drift_threshold = {threshold} ({meanings[kind]}).")
+
+    def trust(self, result: Any, batch: int) -> None:
+        """Warn when trust is unknown (once), when it turns low, and when scores disagree sharply."""
+        if math.isnan(result.trust):
+            self.warn_once("trust-unknown", f"{self.tag}: trust is unknown at training batch {batch} ({result.weakest}); "
+                           "the trust diagnostics need more embedded held-out rows than K. Give a larger held-out "
+                           "set (trust_samples='auto' uses 4·K rows).")
+        low = not math.isnan(result.trust) and not is_trusted(result.trust)
+        if low and not self.warnings_on.get("trust", False):
+            rank_zero_warn(f"{self.tag}: trust {result.trust:.2f} at training batch {batch}: the held-out embeddings are "
+                           f"far from N(0, I) (weakest diagnostic: {result.weakest}), so the scores cannot be read as "
+                           "a density yet.")
+        self.warnings_on["trust"] = low
+        if result.disagreeing and not self.warnings_on.get("agreement", False):
+            rank_zero_warn(f"{self.tag}: scores disagree sharply on the held-out set (Spearman < 0.1): "
+                           f"{', '.join(result.disagreeing)}.")
+        self.warnings_on["agreement"] = bool(result.disagreeing)
+
+    def rank_deficiency(self, info: Dict[str, Any], split: str, rank_dim: int) -> None:
+        if info.get("systematic"):
+            self.warn_once("rank", f"{self.tag}: {info['typical_floored']} of {rank_dim} singular values are floored on "
+                           f"most {split} rows: the encoder has dead output dimensions (e.g. a LayerNorm gain near 0), "
+                           "and the score sums the log singular values of the remaining rank.")
 
     @contextlib.contextmanager
     def guard(self, what: str, batch: int) -> Iterator[None]:

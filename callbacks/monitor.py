@@ -6,14 +6,12 @@ The callback schedules, gathers, logs and decides; every number comes from the c
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import torch
 from lightning.pytorch import Callback
-from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from jepa_monitor import monitoring as mon
@@ -21,7 +19,8 @@ from jepa_monitor.batches import Key, get_ids, get_input
 from jepa_monitor.scorer import Scorer
 from jepa_monitor.scores import COMPONENTS
 
-from ._config import build_scorer, check_arguments
+from ._clock import MonitorClock
+from ._config import build_scorer, check_arguments, check_batch, check_input_dtype
 from ._curation import Curation
 from ._distributed import gather_objects, gather_rows
 from ._failures import FailureCounter
@@ -200,20 +199,13 @@ class JEPAScoreMonitor(Callback):
         # persisted (state_dict)
         self.tracker = mon.ScoreTracker(self.keys, components=self.components, drift_component=drift_component,
                                         threshold=drift_threshold)
+        self.clock = MonitorClock()
         self._batches = 0
         self._history: List[Dict[str, Any]] = []
-        self._seconds_total = 0.0
-        self._warnings_on: Dict[str, bool] = {}  # trust / agreement warnings: once per episode
         self._trust: Optional[float] = None
         self._generator = torch.Generator().manual_seed(seed)
         # per process
         self._data: Optional[HeldoutSet] = None
-        self._t0: Optional[float] = None
-        self._seconds_run = 0.0
-        self._burst = 0.0  # the fit-start evaluation, outside the budget
-        self._clock: Optional[tuple] = None  # (wall, monitor seconds, curation seconds) at the last batch start
-        self._curation_seconds = 0.0
-        self._eval_seconds = {"heldout": 0.0, "incoming": 0.0}
         self._checked_batch = False
 
     # ------------------------------------------------------------------ identity and state
@@ -249,12 +241,10 @@ class JEPAScoreMonitor(Callback):
         """Path of the per-sample export once something was written (rank 0)."""
         return None if self.report.exporter is None else str(self.report.exporter.path)
 
-    _STATE = ("_batches", "_seconds_total", "_warnings_on", "_trust", "_eval_seconds")
-
     def state_dict(self) -> Dict[str, Any]:
-        state = {k.lstrip("_"): getattr(self, k) for k in self._STATE}
-        state.update(version=2, history=list(self._history), generator=self._generator.get_state(),
-                     failures=self.failures.state_dict(), tracker=self.tracker.state_dict(),
+        state = dict(version=2, batches=self._batches, trust=self._trust, history=list(self._history),
+                     generator=self._generator.get_state(), failures=self.failures.state_dict(),
+                     tracker=self.tracker.state_dict(), clock=self.clock.state_dict(),
                      schedule={"next_heldout": self.schedule.next_heldout, "gap": self.schedule.gap},
                      alerts=dict(self.tracker.alerts))
         if self.curation is not None:
@@ -263,9 +253,9 @@ class JEPAScoreMonitor(Callback):
         return state
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        for k in self._STATE:
-            setattr(self, k, state_dict[k.lstrip("_")])
+        self._batches, self._trust = int(state_dict["batches"]), state_dict["trust"]
         self._history = list(state_dict["history"])
+        self.clock.load_state_dict(state_dict["clock"])
         self.tracker.load_state_dict(state_dict["tracker"])
         self.schedule.next_heldout, self.schedule.gap = state_dict["schedule"]["next_heldout"], state_dict["schedule"]["gap"]
         self._generator.set_state(state_dict["generator"])
@@ -283,11 +273,6 @@ class JEPAScoreMonitor(Callback):
             return scorer
         return SynchronousScorer(scorer, self._sync_world, self._data.rows(torch.arange(1), pl_module.device))
 
-    def _check_input(self, x: torch.Tensor, where: str) -> None:
-        if not x.is_floating_point() and "input_module" not in self.score_options:
-            raise TypeError(f"{where} has dtype {x.dtype}, which cannot carry gradients; for token ids pass "
-                            "score_options={'input_module': '<dotted path of the embedding layer>'}.")
-
     def _prepare(self, pl_module: Any) -> None:
         """Everything that can be wrong with the configuration fails here, naming the culprit."""
         try:
@@ -296,7 +281,7 @@ class JEPAScoreMonitor(Callback):
                 auto = self.trust_samples == "auto"
                 data = load_heldout(self.heldout, input_key=self.input_key, id_key=self.id_key, side_keys=self.side_keys,
                                     max_rows=max(self.heldout_max_samples, MAX_TRUST_SAMPLES if auto else self.trust_samples))
-                self._check_input(data.x, "the held-out input")
+                check_input_dtype(data.x, "the held-out input", self.score_options)
                 if auto and data.num_rows > self.heldout_max_samples:  # K is known after one forward
                     x, side = data.rows(torch.arange(1), pl_module.device)
                     data = trim_for_trust(data, scorer.embed(x, **side).shape[1], self.heldout_max_samples)
@@ -309,18 +294,16 @@ class JEPAScoreMonitor(Callback):
     def _check_train_batch(self, batch: Any) -> None:
         """The first training batch, before its step: a wrong key is a configuration error."""
         try:
-            x = get_input(batch, self.input_key)
-            get_ids(batch, self.id_key, x.shape[0])
-            side_inputs(batch, self.side_keys)
-            self._check_input(x, f"input_key={self.input_key!r}")
+            check_batch(batch, input_key=self.input_key, id_key=self.id_key, side_keys=self.side_keys,
+                        score_options=self.score_options)
         except Exception as err:
             raise MisconfigurationException(f"{self._tag}: in the training batch: {_message(err)}") from err
         self._checked_batch = True
 
     # ------------------------------------------------------------------ Lightning hooks
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        self._t0, self._seconds_run, self._checked_batch = time.perf_counter(), 0.0, False
-        self._clock, self._burst = None, 0.0
+        self.clock.start()
+        self._checked_batch = False
         sync = self.rank_synchronous is True or (self.rank_synchronous == "auto" and is_sharded(trainer.strategy))
         self._sync_world = trainer.world_size if sync and trainer.world_size > 1 else None
         self._prepare(pl_module)
@@ -331,7 +314,7 @@ class JEPAScoreMonitor(Callback):
             writer.add_custom_scalars(mon.custom_scalars_layout(self.keys, self.components, self.policy is not None))
         if not self.disabled and self.tracker.anchor is None:
             self._heldout_evaluation(trainer, pl_module, "heldout", strict=True)
-            self._burst = self._eval_seconds["heldout"]
+            self.clock.burst = self.clock.evaluation["heldout"]
         elif self.tracker.anchor is not None:  # resumed: only check that the configuration still scores
             try:
                 x, side = self._data.rows(torch.arange(min(2, self._data.num_rows)), pl_module.device)
@@ -345,15 +328,18 @@ class JEPAScoreMonitor(Callback):
         if self.disabled:
             return
         b = self._batches
-        self._time_batch(trainer)
+        timed = self.clock.batch_started()
+        if timed is not None:
+            self.schedule.note_batch(*timed)
+        if self.schedule.needs_plan():  # every rank alike: the batch count is the same everywhere
+            self._plan(trainer)
         if self.curation is not None and self.tracker.latest_batch != b and self.policy.needs_refresh(b):
             self._heldout_evaluation(trainer, pl_module, "heldout", strict=False)
         if self.schedule.incoming_due(b, self.tracker.latest_batch) and not self.disabled:
             self._incoming_evaluation(trainer, pl_module, batch)
         if self.curation is not None and not self.curation.failures.disabled and not self.disabled:
             result = self.curation.curate(self.scorer(pl_module), batch, batch_index=b, step=trainer.global_step, trust=self._trust)
-            self._add_seconds(result["seconds"])
-            self._curation_seconds += result["seconds"]
+            self.clock.add(result["seconds"], curation=True)
             if "decision" in result and trainer.log_every_n_steps and b % trainer.log_every_n_steps == 0:
                 with self.report.guard("curated batch", b):
                     self.report.log(trainer, self.curation.metrics(result))
@@ -389,7 +375,6 @@ class JEPAScoreMonitor(Callback):
 
     def _evaluate_stage(self, trainer: Any, pl_module: Any, split: str) -> None:
         self._prepare(pl_module)
-        self._t0 = self._t0 or time.perf_counter()
         if not self.disabled:
             self._heldout_evaluation(trainer, pl_module, split, strict=False)
         self.report.close()
@@ -415,21 +400,10 @@ class JEPAScoreMonitor(Callback):
         return mon.Measurement.unpack(gathered, seconds)
 
     def _heldout_evaluation(self, trainer: Any, pl_module: Any, split: str, strict: bool) -> None:
-        self._timed("heldout" if split == "heldout" else split, self._score_heldout, trainer, pl_module, split, strict)
+        self.clock.timed(split, self._score_heldout, trainer, pl_module, split, strict)
 
     def _incoming_evaluation(self, trainer: Any, pl_module: Any, batch: Any) -> None:
-        self._timed("incoming", self._score_incoming, trainer, pl_module, batch)
-
-    def _timed(self, what: str, fn: Callable, *args: Any) -> None:
-        """Everything an evaluation costs (scoring, gathering, trust, logging, export) counts against
-        the monitor's time share, and is what the budget schedule plans with."""
-        start = time.perf_counter()
-        try:
-            fn(*args)
-        finally:
-            seconds = time.perf_counter() - start
-            self._eval_seconds[what] = seconds
-            self._add_seconds(seconds)
+        self.clock.timed("incoming", self._score_incoming, trainer, pl_module, batch)
 
     def _score_heldout(self, trainer: Any, pl_module: Any, split: str, strict: bool) -> None:
         data, k = self._data, self.keys
@@ -450,11 +424,12 @@ class JEPAScoreMonitor(Callback):
             trust = self._trust_evaluation(pl_module, m) if split == "heldout" else None
             metrics, turned_on = self.tracker.heldout(split, m, self._batches, None if trust is None else trust.trust)
             metrics.update(self._rank_deficiency(split, m))
+            self.report.alerts([t for t in turned_on if t in self.alert_on], self._batches, self.drift_component,
+                               self.drift_threshold, ALERT_MEANING)
             if trust is not None:
                 metrics.update(trust.metrics)
                 if self.curation is not None:
                     self._calibrate(m.scores, trust.trust)
-            self._warn_alerts(turned_on)
             metrics.update(self._time_metrics(m.seconds))
             self._history.append(mon.history_entry(k, self._batches, trainer.global_step, split, self.drift_component, metrics))
             self.report.log(trainer, metrics)
@@ -476,28 +451,12 @@ class JEPAScoreMonitor(Callback):
                 z = torch.cat([z, self.scorer(pl_module).embed(x, **side).float().cpu()])
         result = mon.trust_metrics(self.keys, z, m.scores)
         self._trust = result.trust
-        if math.isnan(result.trust):
-            self.report.warn_once("trust-unknown", f"{self._tag}: trust is unknown at training batch {self._batches} "
-                            f"({result.weakest}); the trust diagnostics need more embedded held-out rows than K. "
-                            "Give a larger held-out set (trust_samples='auto' uses 4·K rows).")
-        low = mon.is_trusted(result.trust) is False and not math.isnan(result.trust)
-        if low and not self._warnings_on.get("trust", False):
-            rank_zero_warn(f"{self._tag}: trust {result.trust:.2f} at training batch {self._batches}: the held-out "
-                           f"embeddings are far from N(0, I) (weakest diagnostic: {result.weakest}), so the scores "
-                           "cannot be read as a density yet.")
-        self._warnings_on["trust"] = low
-        if result.disagreeing and not self._warnings_on.get("agreement", False):
-            rank_zero_warn(f"{self._tag}: scores disagree sharply on the held-out set (Spearman < 0.1): "
-                           f"{', '.join(result.disagreeing)}.")
-        self._warnings_on["agreement"] = bool(result.disagreeing)
+        self.report.trust(result, self._batches)
         return result
 
     def _rank_deficiency(self, split: str, m: mon.Measurement) -> Dict[str, float]:
         metrics, info = mon.rank_deficiency_metrics(self.keys, split, m)
-        if info.get("systematic"):
-            self.report.warn_once("rank", f"{self._tag}: {info['typical_floored']} of {int(m.rank_dim.max())} singular values are "
-                            f"floored on most {split} rows: the encoder has dead output dimensions (e.g. a LayerNorm "
-                            "gain near 0), and the score sums the log singular values of the remaining rank.")
+        self.report.rank_deficiency(info, split, int(m.rank_dim.max()) if m.num_rows else 0)
         return metrics
 
     def _calibrate(self, scores: Dict[str, torch.Tensor], trust: Optional[float]) -> None:
@@ -529,7 +488,8 @@ class JEPAScoreMonitor(Callback):
             k = self.keys
             metrics, turned_on = self.tracker.incoming(m, self._batches)
             metrics.update(self._rank_deficiency("incoming", m))
-            self._warn_alerts(turned_on)
+            self.report.alerts([t for t in turned_on if t in self.alert_on], self._batches, self.drift_component,
+                               self.drift_threshold, ALERT_MEANING)
             metrics.update(self._time_metrics(m.seconds))
             self._history.append(mon.history_entry(k, self._batches, trainer.global_step, "incoming", self.drift_component, metrics))
             self.report.log(trainer, metrics)
@@ -538,29 +498,11 @@ class JEPAScoreMonitor(Callback):
             self.report.rows(trainer, trainer.global_step, "incoming", m.num_rows, sample_ids=ids, scores=m.scores,
                              n_floored=m.n_floored)
 
-    # ------------------------------------------------------------------ outputs
-    def _warn_alerts(self, kinds: List[str]) -> None:
-        for kind in kinds:
-            if kind in self.alert_on:
-                rank_zero_warn(f"{self._tag}: {kind.replace('_', ' ')} alert at training batch {self._batches}: KS "
-                               f"statistic of {self.drift_component} > drift_threshold = {self.drift_threshold} "
-                               f"({ALERT_MEANING[kind]}).")
-
-    def _time_batch(self, trainer: Any) -> None:
-        """Time the training batch that just ended without the monitor's own seconds; with a budget,
-        plan the next held-out evaluation once a few batches were timed (every rank alike)."""
-        now = time.perf_counter()
-        if self._clock is not None:
-            wall, monitor, curation = self._clock
-            self.schedule.note_batch(now - wall - (self._seconds_run - monitor), self._curation_seconds - curation)
-        self._clock = (now, self._seconds_run, self._curation_seconds)
-        if self.schedule.needs_plan():
-            self._plan(trainer)
-
+    # ------------------------------------------------------------------ time
     def _plan(self, trainer: Any) -> None:
         """Space the next held-out evaluation so the monitor stays within its budget; the ranks agree
         on the largest gap (an evaluation is a collective: every rank must run it at the same batch)."""
-        cost = self._eval_seconds["heldout"] + (self._eval_seconds["incoming"] if self.incoming_every_n_steps else 0.0)
+        cost = self.clock.evaluation["heldout"] + (self.clock.evaluation["incoming"] if self.incoming_every_n_steps else 0.0)
         gaps = [g for g in gather_objects(self.schedule.propose_gap(cost), trainer.world_size) if g is not None]
         if gaps:
             self.schedule.plan(self.tracker.latest_batch, max(gaps))
@@ -570,21 +512,15 @@ class JEPAScoreMonitor(Callback):
                                   "(gate_budget, score_key='log_prior', every_n_steps) or a larger budget.")
 
     def _time_metrics(self, seconds: float) -> Dict[str, float]:
-        wall = time.perf_counter() - self._t0 - self._burst if self._t0 is not None else 0.0
         k = self.keys
-        metrics = {k.time("score_seconds"): seconds, k.time("total_score_seconds"): self._seconds_total,
-                   k.time("share"): (self._seconds_run - self._burst) / wall if wall > 0 else 0.0,
-                   k.time("fit_start_seconds"): self._burst,
+        metrics = {k.time("score_seconds"): seconds, k.time("total_score_seconds"): self.clock.total,
+                   k.time("share"): self.clock.share(), k.time("fit_start_seconds"): self.clock.burst,
                    k("monitor", "failures_total"): float(self.failures.total)}
         if self.budget is not None:
             metrics[k.time("budget")] = self.budget
         if self.schedule.gap is not None:
             metrics[k.time("heldout_gap")] = float(self.schedule.gap)
         return metrics
-
-    def _add_seconds(self, seconds: float) -> None:
-        self._seconds_total += seconds
-        self._seconds_run += seconds
 
     def _flush_curated(self, trainer: Any) -> None:
         """Curated rows are buffered per rank and gathered at held-out evaluations, so curation itself

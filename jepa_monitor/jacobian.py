@@ -528,7 +528,8 @@ def embedding_and_gram(
             activations). When b·K·D float32 rows do not fit, rows are held in groups and
             recomputed (:func:`plan_rows`: K·(p+1)/2 row-VJPs for p groups). None: no bound.
         encoder_kwargs: extra keyword tensors for the encoder, already sliced to this micro-batch
-            (e.g. ``attention_mask``).
+            (e.g. ``attention_mask``). ``pool`` here does not see the mask: for masked mean pooling
+            go through :class:`jepa_monitor.Scorer`, which pools inside the function it passes.
         cache_key: the object whose identity the ``"auto"`` decision is cached under (weakly
             referenced), when ``encoder`` is a wrapper made afresh for every call (a closure):
             pass the model (or a long-lived scorer). Default: ``encoder`` itself.

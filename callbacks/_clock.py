@@ -1,0 +1,60 @@
+"""The monitor's time accounting: what it spends, on what, and against how much training time.
+
+Every evaluation (scoring, gathering, trust, logging, export) and every curated batch counts. The
+first evaluation, at fit start, is a burst kept apart from the share. Between two batch starts, the
+wall time minus the monitor's own seconds is one training batch: what the budget schedule needs.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Dict, Optional, Tuple
+
+
+class MonitorClock:
+    def __init__(self) -> None:
+        self.total = 0.0  # all runs (persisted)
+        self.evaluation = {"heldout": 0.0, "incoming": 0.0}  # the latest of each (persisted)
+        self.start()
+
+    def start(self) -> None:
+        self.t0: Optional[float] = time.perf_counter()
+        self.run = 0.0
+        self.burst = 0.0
+        self.curation = 0.0
+        self._last: Optional[Tuple[float, float, float]] = None
+
+    def add(self, seconds: float, curation: bool = False) -> None:
+        self.total += seconds
+        self.run += seconds
+        if curation:
+            self.curation += seconds
+
+    def timed(self, kind: str, fn: Callable, *args: Any) -> None:
+        start = time.perf_counter()
+        try:
+            fn(*args)
+        finally:
+            seconds = time.perf_counter() - start
+            self.evaluation[kind] = seconds
+            self.add(seconds)
+
+    def batch_started(self) -> Optional[Tuple[float, float]]:
+        """(training seconds, curation seconds) of the batch that just ended, None for the first."""
+        now = time.perf_counter()
+        last, self._last = self._last, (now, self.run, self.curation)
+        if last is None:
+            return None
+        wall, run, curation = last
+        return now - wall - (self.run - run), self.curation - curation
+
+    def share(self) -> float:
+        """Monitor seconds over wall seconds since fit start, the fit-start burst left out of both."""
+        wall = time.perf_counter() - self.t0 - self.burst if self.t0 is not None else 0.0
+        return (self.run - self.burst) / wall if wall > 0 else 0.0
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"total": self.total, "evaluation": dict(self.evaluation)}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.total, self.evaluation = float(state["total"]), dict(state["evaluation"])
