@@ -136,7 +136,7 @@ from typing import Dict, List, Mapping, Optional, Union
 
 import torch
 
-from .evaluation import spearman
+from .statistics import spearman
 from .gaussianity import epps_pulley, random_directions
 
 TRUST_THRESHOLD = 0.5
