@@ -219,7 +219,7 @@ def cmd_score(args) -> int:
     import torch
 
     from .export import ScoreExporter
-    from .scoring import score_samples
+    from .scorer import Scorer
 
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1; got {args.batch_size}.")
@@ -242,6 +242,7 @@ def cmd_score(args) -> int:
         dtype = next((p.dtype for p in encoder.parameters() if p.is_floating_point()), None)
     n, batches = iterate_rows(load_data(args.data), args.input_key, args.id_key, args.batch_size)
     exporter = ScoreExporter(out, out.suffix.lstrip("."))
+    scorer = Scorer(encoder, method=args.method)
     bar = progress_bar(n, "scoring")
     try:
         for x, ids in batches:
@@ -250,7 +251,7 @@ def cmd_score(args) -> int:
             if dtype is not None and x.is_floating_point():
                 x = x.to(dtype)  # float32 data for a float64 model (or back) is not worth an error
             try:
-                s = score_samples(encoder, x.to(device), method=args.method)
+                s = scorer.score(x.to(device))
             except (TypeError, ValueError) as err:
                 raise CLIError(f"scoring failed: {str(err).splitlines()[0]}") from None
             except RuntimeError as err:
