@@ -1,7 +1,8 @@
 """The monitor's time accounting: what it spends, on what, and against how much training time.
 
 Every evaluation (scoring, gathering, trust, logging, export) and every curated batch counts. The
-first evaluation, at fit start, is a burst kept apart from the share. Between two batch starts, the
+first evaluation, at fit start, and the incoming rows scored with it are a burst kept apart from the
+share. Between two batch starts, the
 wall time minus the monitor's own seconds is one training batch: what the budget schedule needs.
 """
 
@@ -22,6 +23,7 @@ class MonitorClock:
         self.run = 0.0
         self.burst = 0.0
         self.curation = 0.0
+        self.running_since: Optional[float] = None  # an evaluation in progress counts as it runs
         self._last: Optional[Tuple[float, float, float]] = None
 
     def add(self, seconds: float, curation: bool = False) -> None:
@@ -31,13 +33,21 @@ class MonitorClock:
             self.curation += seconds
 
     def timed(self, kind: str, fn: Callable, *args: Any) -> None:
-        start = time.perf_counter()
+        start = self.running_since = time.perf_counter()
         try:
             fn(*args)
         finally:
+            self.running_since = None
             seconds = time.perf_counter() - start
             self.evaluation[kind] = seconds
             self.add(seconds)
+
+    def _running(self) -> float:
+        return time.perf_counter() - self.running_since if self.running_since is not None else 0.0
+
+    def total_now(self) -> float:
+        """All monitor seconds, the evaluation in progress included."""
+        return self.total + self._running()
 
     def batch_started(self) -> Optional[Tuple[float, float]]:
         """(training seconds, curation seconds) of the batch that just ended, None for the first."""
@@ -51,7 +61,7 @@ class MonitorClock:
     def share(self) -> float:
         """Monitor seconds over wall seconds since fit start, the fit-start burst left out of both."""
         wall = time.perf_counter() - self.t0 - self.burst if self.t0 is not None else 0.0
-        return (self.run - self.burst) / wall if wall > 0 else 0.0
+        return (self.run + self._running() - self.burst) / wall if wall > 0 else 0.0
 
     def state_dict(self) -> Dict[str, Any]:
         return {"total": self.total, "evaluation": dict(self.evaluation)}

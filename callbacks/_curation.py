@@ -7,6 +7,7 @@ per rank, and the rows it touched are buffered and written at the next held-out 
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any, Dict, List, Mapping, Optional
 
 import torch
@@ -31,6 +32,7 @@ class Curation:
             "curation is off and batches train unfiltered from now on on this rank (monitoring continues).", max_failures,
         )
         self.pending: List[Dict[str, Any]] = []
+        self.tag, self.warned_estimate = tag, False
 
     def curate(self, scorer: Any, batch: Any, *, batch_index: int, step: int,
                trust: Optional[float]) -> Optional[Dict[str, Any]]:
@@ -47,6 +49,15 @@ class Curation:
             self.failures.failed(f"{batch_index}", err)
             return {"seconds": time.perf_counter() - start}
         self.failures.succeeded()
+        n_estimated, n = int(getattr(decision, "n_estimated", 0)), int(decision.keep.numel())
+        if n_estimated > n // 2 and not self.warned_estimate:
+            # The embedding alone could not tell most rows apart (e.g. a LayerNorm'd embedding whose
+            # norm, hence its prior term, is the same for every row): the budget then decides blind.
+            self.warned_estimate = True
+            warnings.warn(f"{self.tag}: curation decided {n_estimated} of {n} rows at training batch {batch_index} from "
+                          "an estimate (the embedding's prior term did not separate them and gate_budget capped the "
+                          "Jacobian rows); junk among them is kept. Raise the policy's gate_budget (None: every "
+                          "undecided row exact) or use score_key='log_prior' knowingly.", RuntimeWarning, stacklevel=2)
         # Editing the batch is not a measurement: an error here is a bug and must surface rather
         # than train on a half-edited batch.
         edit = apply_decision(batch, decision, input_key=self.input_key, weight_key=self.weight_key,

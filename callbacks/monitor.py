@@ -337,6 +337,8 @@ class JEPAScoreMonitor(Callback):
             self._heldout_evaluation(trainer, pl_module, "heldout", strict=False)
         if self.schedule.incoming_due(b, self.tracker.latest_batch) and not self.disabled:
             self._incoming_evaluation(trainer, pl_module, batch)
+            if b == 0 and timed is None:  # scored with the fit-start evaluation: part of its burst
+                self.clock.burst += self.clock.evaluation["incoming"]
         if self.curation is not None and not self.curation.failures.disabled and not self.disabled:
             result = self.curation.curate(self.scorer(pl_module), batch, batch_index=b, step=trainer.global_step, trust=self._trust)
             self.clock.add(result["seconds"], curation=True)
@@ -506,6 +508,9 @@ class JEPAScoreMonitor(Callback):
         gaps = [g for g in gather_objects(self.schedule.propose_gap(cost), trainer.world_size) if g is not None]
         if gaps:
             self.schedule.plan(self.tracker.latest_batch, max(gaps))
+            with self.report.guard("schedule", self._batches):
+                self.report.log(trainer, {self.keys.time("heldout_gap"): float(self.schedule.gap),
+                                          self.keys.time("budget"): float(self.budget)})
         if self.schedule.curation_over_budget():
             self.report.warn_once("budget", f"{self._tag}: curation alone takes more than budget={self.budget} of the "
                                   "training time; held-out evaluations are spaced to the maximum. Use a cheaper policy "
@@ -513,7 +518,7 @@ class JEPAScoreMonitor(Callback):
 
     def _time_metrics(self, seconds: float) -> Dict[str, float]:
         k = self.keys
-        metrics = {k.time("score_seconds"): seconds, k.time("total_score_seconds"): self.clock.total,
+        metrics = {k.time("score_seconds"): seconds, k.time("total_score_seconds"): self.clock.total_now(),
                    k.time("share"): self.clock.share(), k.time("fit_start_seconds"): self.clock.burst,
                    k("monitor", "failures_total"): float(self.failures.total)}
         if self.budget is not None:

@@ -204,3 +204,29 @@ def test_reweight_key_set_on_the_policy_is_honoured():
     assert monitor(policy=Reweight(), weight_key="w").weight_key == "w"
     with pytest.raises(ValueError, match="differ; set it in one place"):
         monitor(policy=Reweight(weight_key="a"), weight_key="b")
+
+
+def test_curation_warns_once_when_most_rows_are_decided_from_an_estimate():
+    from types import SimpleNamespace
+
+    from jepa_monitor.callbacks._curation import Curation
+    from jepa_monitor.monitoring import MetricKeys
+    from jepa_monitor.policies import Decision
+
+    class Blind:
+        mode, score_key, weight_key = "drop", "log_density", "sample_weight"
+        counts = {}
+
+        def decide_batch(self, scorer, x, step, trust, side=None):
+            n = x.shape[0]
+            return Decision(torch.ones(n, dtype=torch.bool), torch.ones(n), torch.full((n,), float("nan")), 1.0, True,
+                            n_scored=2, n_estimated=n - 2)
+
+    cur = Curation(Blind(), MetricKeys("jepa"), "tag", input_key="x", id_key=None, side_keys={},
+                   weight_key="sample_weight", max_failures=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for b in range(3):
+            cur.curate(SimpleNamespace(), {"x": torch.zeros(8, 2)}, batch_index=b, step=b, trust=None)
+    msgs = [str(w.message) for w in caught if "from an estimate" in str(w.message)]
+    assert len(msgs) == 1 and "decided 6 of 8 rows" in msgs[0] and "gate_budget" in msgs[0]
