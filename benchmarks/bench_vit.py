@@ -4,6 +4,7 @@
     python benchmarks/bench_vit.py --quick              # one image, one round (~1 min)
     python benchmarks/bench_vit.py --device cuda --config tiny32 s16_224 b16_224
     python benchmarks/bench_vit.py --big                # the 224 px configs on CPU (hours: don't)
+    python benchmarks/bench_vit.py --loop               # the monitor's time share in a CPU training loop (~2 min)
 
 The encoder: a patch-embedding convolution, a CLS token and learned positions, pre-norm
 transformer blocks through ``F.scaled_dot_product_attention`` (MLP ratio 4, GELU), a final
@@ -31,6 +32,21 @@ convolution and attention only). Printed first (no measurement needed): the proj
 score 128 held-out images with ViT-S/16 and ViT-B/16 at 224 px at assumed FP32 rates, for the rows
 the memory budget lets one image hold (see ``projection``). Then one row per configuration as it
 finishes, with the achieved FLOP rate of the floor and 128 × the fastest measured exact s/image.
+
+``--loop`` (instead of the above): the monitor's time share at its default budget in a Lightning
+training loop on CPU. The encoder is the ViT-Ti width at 32 px (patch 4, 64 tokens + CLS, K = 192,
+3 heads) with ``--loop-depth`` blocks (default 1: one held-out evaluation of 128 images at 4 blocks
+takes ~4 minutes on one CPU core; a block more or less scales a training step and an evaluation
+alike), embedding = the CLS token. Data: the 8×8 digits upscaled to 32 px (bilinear, 3 channels);
+training on the demo's training split, the rest (872 images) is the held-out set. Loss: two views
+(random shift of up to 2 px, ±20 % contrast, pixel noise 0.1), LeJEPA (invariance + SIGReg), AdamW,
+batch ``--loop-batch`` (64), ``--loop-steps`` (40) steps. Three fits, same seed, same batches:
+without the monitor, with ``JEPAScoreMonitor(encoder="encoder", heldout=..., input_key=0)`` at its
+defaults (budget 0.05, 128 held-out rows scored, 4·K = 768 embedded for trust, 16 incoming rows
+after each held-out evaluation), without again. Printed: the wall time of each fit, the monitor's
+logged ``time/*`` metrics (the last values logged, and at which batch), its own share at the end of
+fit, the share measured from outside (wall seconds inside the monitor's hooks, fit start apart) and
+the planned ``heldout_gap`` (read from ``monitor.schedule`` when it was never logged).
 """
 
 from __future__ import annotations
@@ -226,6 +242,174 @@ def projection(pool: str, budgets: tuple, rates: Dict[str, float], out, images: 
                   + " | ".join(f"{images * per_image / v:.0f}" for v in cols.values()) + " |", file=out, flush=True)
 
 
+# ---------------------------------------------------------------------------------- --loop
+def monitor_loop(args) -> None:
+    """The monitor's measured time share at its default budget in a CPU Lightning training loop."""
+    import os
+    import tempfile
+    import warnings
+
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import Logger
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from jepa_monitor.callbacks import JEPAScoreMonitor
+    from jepa_monitor.demo.data import make_splits, normalise
+    from jepa_monitor.demo.model import lejepa_loss, sigreg_directions
+
+    import logging
+
+    warnings.filterwarnings("ignore")  # dataloader-worker and logger advice from Lightning
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    cfg = dict(CONFIGS["tiny32"], depth=args.loop_depth)
+    k_dim = cfg["dim"]
+
+    def upscale(images: torch.Tensor) -> torch.Tensor:
+        x = normalise(images)  # (N, 1, 8, 8)
+        return F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False).expand(-1, 3, -1, -1).contiguous()
+
+    splits = make_splits(seed=0)
+    train_x = upscale(splits.train[0])
+    heldout = torch.cat([upscale(splits.reference[0]), upscale(splits.probe[0]), upscale(splits.test[0])])
+
+    class Cls(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.vit = ViT(**cfg)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.vit(x)[:, 0]
+
+    class SSL(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = Cls()
+            self.gen = torch.Generator().manual_seed(1)
+
+        def view(self, x: torch.Tensor) -> torch.Tensor:
+            dy, dx = (int(v) for v in torch.randint(-2, 3, (2,), generator=self.gen))
+            scale = 1.0 + 0.2 * (2 * torch.rand(x.shape[0], 1, 1, 1, generator=self.gen) - 1)
+            return torch.roll(x, (dy, dx), dims=(2, 3)) * scale + 0.1 * torch.randn(x.shape, generator=self.gen)
+
+        def training_step(self, batch, batch_idx):
+            x = batch[0]
+            z1, z2 = self.encoder(self.view(x)), self.encoder(self.view(x))
+            return lejepa_loss(z1, z2, sigreg_directions(k_dim, self.gen))[0]
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-3, weight_decay=1e-4)
+
+    class Scalars(Logger):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rows = []
+
+        @property
+        def name(self):
+            return "scalars"
+
+        @property
+        def version(self):
+            return 0
+
+        def log_hyperparams(self, params, *a, **kw):
+            pass
+
+        def log_metrics(self, metrics, step=None):
+            self.rows.append((step, dict(metrics)))
+
+    class HookTimed(JEPAScoreMonitor):
+        """The monitor at its defaults; the wall seconds inside its hooks are counted from outside."""
+
+        seconds = {"fit_start": 0.0, "batches": 0.0}
+
+    def timed(name: str, bucket: str):
+        def hook(self, *a, **kw):
+            start = time.perf_counter()
+            try:
+                return getattr(JEPAScoreMonitor, name)(self, *a, **kw)
+            finally:
+                self.seconds[bucket] += time.perf_counter() - start
+        return hook
+
+    HookTimed.on_fit_start = timed("on_fit_start", "fit_start")
+    HookTimed.on_train_batch_start = timed("on_train_batch_start", "batches")
+    HookTimed.on_train_batch_end = timed("on_train_batch_end", "batches")
+
+    class EndShare(pl.Callback):
+        """The monitor's own share when fit ends (its metrics are logged only at evaluations)."""
+
+        def __init__(self, monitor) -> None:
+            self.monitor, self.share = monitor, None
+
+        def on_train_end(self, trainer, pl_module) -> None:
+            clock = getattr(self.monitor, "clock", None)
+            if clock is not None and hasattr(clock, "share"):
+                self.share = clock.share()
+            elif getattr(self.monitor, "_t0", None) is not None:  # older accounting
+                m = self.monitor
+                wall = time.perf_counter() - m._t0 - m._burst
+                self.share = (m._seconds_run - m._burst) / wall if wall > 0 else 0.0
+
+    def fit(with_monitor: bool) -> dict:
+        module = SSL()
+        loader = DataLoader(TensorDataset(train_x), batch_size=args.loop_batch, shuffle=True, drop_last=True,
+                            generator=torch.Generator().manual_seed(2))
+        logger = Scalars()
+        callbacks, monitor = [], None
+        if with_monitor:
+            monitor = HookTimed(encoder="encoder", heldout=heldout, input_key=0)
+            monitor.seconds = {"fit_start": 0.0, "batches": 0.0}
+            callbacks = [monitor, EndShare(monitor)]
+        with tempfile.TemporaryDirectory() as root:
+            trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=args.loop_steps, logger=logger,
+                                 callbacks=callbacks, enable_checkpointing=False, enable_progress_bar=False,
+                                 enable_model_summary=False, log_every_n_steps=10, default_root_dir=root)
+            start = time.perf_counter()
+            trainer.fit(module, loader)
+            wall = time.perf_counter() - start
+        return dict(wall=wall, logger=logger, monitor=monitor, end=callbacks[1].share if callbacks else None)
+
+    print(f"Monitor share in a CPU training loop: torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
+          f"ViT-Ti width at 32 px, {args.loop_depth} block(s), K={k_dim}, D={3 * 32 * 32}; batch {args.loop_batch}, "
+          f"{args.loop_steps} steps; {heldout.shape[0]} held-out images; JEPAScoreMonitor defaults (budget 0.05); "
+          f"load average {os.getloadavg()[0]:.1f}", flush=True)
+    runs = {}
+    for label, flag in (("without", False), ("with", True), ("without again", False)):
+        runs[label] = fit(flag)
+        print(f"  fit {label} the monitor: {runs[label]['wall']:.1f} s", flush=True)
+    r = runs["with"]
+    monitor, seconds = r["monitor"], r["monitor"].seconds
+    logged: Dict[str, tuple] = {}
+    for step, metrics in r["logger"].rows:
+        for key, value in metrics.items():
+            if "/time/" in key:
+                logged[key.split("/time/")[1]] = (value, step)
+    history = [(h.get("batch"), h.get("split")) for h in monitor.history]
+    without = statistics.mean([runs["without"]["wall"], runs["without again"]["wall"]])
+    burst = logged.get("fit_start_seconds", (float("nan"),))[0]
+    after = r["wall"] - seconds["fit_start"]
+    print(f"\nEvaluations (batch, split): {history}")
+    print("Last logged time/* metrics (value @ global step): "
+          + ", ".join(f"{k} {v:.3g} @ {s}" for k, (v, s) in sorted(logged.items())))
+    gap = logged.get("heldout_gap", (None,))[0]
+    print(f"heldout_gap: {'logged ' + str(gap) if gap is not None else 'never logged'}; planned gap "
+          f"{monitor.schedule.gap} batches (next held-out evaluation at batch {monitor.schedule.next_heldout}, "
+          f"run length {args.loop_steps})")
+    print("| fit without (s) | fit with (s) | fit_start_seconds | with − fit start (s) | overhead after fit start "
+          "| monitor's share at fit end | hooks' share after fit start (outside) | last logged share |")
+    print("|---|---|---|---|---|---|---|---|")
+    last_share = logged.get("share", (float("nan"), None))
+    print(f"| {without:.1f} ({runs['without']['wall']:.1f}, {runs['without again']['wall']:.1f}) | {r['wall']:.1f} "
+          f"| {burst:.1f} | {after:.1f} | {(after - without) / after:.3f} | "
+          f"{r['end'] if r['end'] is None else format(r['end'], '.3f')} | {seconds['batches'] / after:.3f} "
+          f"| {last_share[0]:.3f} (step {last_share[1]}) |")
+    print(f"(fit start inside the monitor's hook: {seconds['fit_start']:.1f} s; batch hooks: {seconds['batches']:.1f} s; "
+          f"load average {os.getloadavg()[0]:.1f} / {os.getloadavg()[1]:.1f} at the end)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", nargs="+", choices=list(CONFIGS), default=None,
@@ -241,9 +425,15 @@ def main() -> None:
     parser.add_argument("--no-slq", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--markdown", help="also append the tables to this file")
+    parser.add_argument("--loop", action="store_true", help="only the monitor's time share in a CPU training loop")
+    parser.add_argument("--loop-steps", type=int, default=40)
+    parser.add_argument("--loop-batch", type=int, default=64)
+    parser.add_argument("--loop-depth", type=int, default=1, help="blocks of the ViT in --loop (ViT-Ti: 12)")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
+    if args.loop:
+        return monitor_loop(args)
     configs = args.config or (["tiny32"] if device.type == "cpu" else list(CONFIGS))
     if device.type == "cpu" and not args.big and any(c != "tiny32" for c in configs):
         sys.exit("the 224 px configurations take hours on a CPU: run them on a GPU, or pass --big")

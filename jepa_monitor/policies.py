@@ -30,12 +30,12 @@ than :data:`GATE_MIN_REFERENCE` rows gives no trustworthy range, and then every 
 ``c + median reference jepa_score`` is nearest the threshold are scored, the others are decided from
 that estimate. This approximation concerns only rows near the threshold (far-off junk is decided
 exactly) and is counted in ``rows_estimated``; ``gate_budget=None`` makes every decision exact.
-Measured by ``benchmarks/bench_curation.py`` on the demo encoder (K = 16, batch 128, CPU): exact
-scoring of every row costs ~3.7 training steps; the gate alone leaves 2/3 of the rows undecided
-(~2.1 steps); the default budget costs ~1.0 step and decides 1.4% of rows unlike exact scoring,
-about the sampling noise of a 5%-quantile estimated from 242 reference rows. The cost floor of any
-Jacobian is K backward passes, so a handful of rows already costs most of a step on CPU; for less,
-``score_key="log_prior"`` needs no Jacobian at all (~0.05 step) and ``every_n_steps`` filters on a
+Measured by ``benchmarks/bench_curation.py`` (CPU, batch 128; BENCHMARKS.md "Curation"): on the demo
+encoder (K = 16) exact scoring of every row costs 2.5-2.9 training steps, the default budget
+0.78-0.96 step with 0-1.4% of rows decided unlike exact scoring; at K = 192 (a one-block ViT-tiny)
+the default costs about 8 steps and exact 58. The cost floor of any Jacobian is K backward passes,
+so a handful of rows already costs most of a step on CPU; for less, ``score_key="log_prior"`` needs
+no Jacobian at all (0.13-0.17 step) and ``every_n_steps`` filters on a
 cadence. ``score_key="jepa_score"`` cannot be gated.
 
 The gate misses what it cannot see: junk whose embedding looks typical and whose Jacobian term
