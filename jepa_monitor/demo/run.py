@@ -259,11 +259,12 @@ def format_summary(result: DemoResult) -> str:
     if result.alerts:
         lines += ["", f"Monitor warnings during the {'filtered' if cfg.filter else 'unfiltered'} run (count x first):"]
         lines += [f"  {a}" for a in result.alerts]
-    lines += [
-        "",
-        "Seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()),
-        f"TensorBoard: tensorboard --logdir {result.logdir}",
-    ]
+    lines += ["", "Seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items())]
+    if "filtered" in result.seconds and "unfiltered" in result.seconds:
+        ratio = result.seconds["filtered"] / max(result.seconds["unfiltered"], 1e-9)
+        lines.append(f"Filtered / unfiltered training wall time: {ratio:.2f} (the cost of curating every batch; "
+                     "target <= 1.25)")
+    lines.append(f"TensorBoard: tensorboard --logdir {result.logdir}")
     return "\n".join(lines)
 
 
