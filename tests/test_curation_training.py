@@ -113,8 +113,9 @@ def run(policy, tmp_path, export=False):
 
 
 def test_drop_keeps_shifted_rows_out_of_training_step(tmp_path):
-    policy = Drop(quantile=0.05)
+    policy = Drop(quantile=0.05)  # the defaults: no action until trust passes (the encoder is exact)
     model, monitor, a, x, junk = run(policy, tmp_path, export="csv")
+    assert policy.warmup == "trust" and monitor.trust >= 0.5 and policy.counts["calibrations_refused"] == 0
     seen = torch.zeros(N_STREAM, dtype=torch.bool)
     seen[torch.cat(model.seen_ids)] = True
 
