@@ -28,6 +28,7 @@ probability well below 1e-4, so on a clean stream any alert is systematic, not s
     python benchmarks/bench_alerts.py --steps 2000 --seeds 0 1 2 3 4    # the demo's length
     python benchmarks/bench_alerts.py --kinds noise novel_class --shift-fraction 0.25
     python benchmarks/bench_alerts.py --heldout-every 40                # compare every incoming evaluation
+    python benchmarks/bench_alerts.py --incoming-every auto             # the monitor's default: after each held-out
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import logging
 import math
 import time
 import warnings
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -119,7 +120,7 @@ def make_capture_logger():
 
 
 def run_once(splits: DigitSplits, stream: Rows, *, steps: int, batch_size: int, seed: int, threshold: float,
-             policy: bool, stop_after_batch: Optional[int], heldout_every: int, incoming_every: int) -> Dict[str, Any]:
+             policy: bool, stop_after_batch: Optional[int], heldout_every: int, incoming_every: Any) -> Dict[str, Any]:
     """One demo-configured training run; the monitor's history and the alert metrics it logged."""
     import lightning as L
     from lightning.pytorch import Callback
@@ -178,18 +179,18 @@ def summarise(run: Dict[str, Any], threshold: float) -> Dict[str, Any]:
     }
 
 
-def delay(run: Dict[str, Any], onset_batch: int, every: int, threshold: float) -> Dict[str, Any]:
+def delay(run: Dict[str, Any], onset_batch: int, threshold: float) -> Dict[str, Any]:
     """Incoming evaluations (and batches) from the first one that saw shifted rows to the first alert."""
     seen = [h for h in run["history"] if h["split"] == "incoming" and h["batch"] >= onset_batch]
     first_seen = seen[0]["batch"] if seen else None
-    alert = next((h for h in seen if h["drift_ks"] is not None and h["drift_ks"] > threshold), None)
+    at = next((i for i, h in enumerate(seen) if h["drift_ks"] is not None and h["drift_ks"] > threshold), None)
     first_compared = next((h["batch"] for h in seen if h["drift_ks"] is not None), None)
     out = {"first_seen": first_seen, "first_compared": first_compared,
            "ks_after": [(h["batch"], round(h["drift_ks"], 3)) for h in seen if h["drift_ks"] is not None]}
-    if alert is None:
+    if at is None:
         out.update(evals=None, batches=None, alert_batch=None)
     else:
-        out.update(evals=(alert["batch"] - first_seen) // every, batches=alert["batch"] - onset_batch, alert_batch=alert["batch"])
+        out.update(evals=at, batches=seen[at]["batch"] - onset_batch, alert_batch=seen[at]["batch"])
     return out
 
 
@@ -207,7 +208,9 @@ def main() -> None:
     p.add_argument("--heldout-every", type=int, default=None,
                    help="held-out cadence in batches (default: the demo's steps // 10); set it to the incoming "
                         "cadence to compare every incoming evaluation")
-    p.add_argument("--incoming-every", type=int, default=None, help="incoming cadence (default: the demo's steps // 25)")
+    p.add_argument("--incoming-every", default=None,
+                   help="incoming cadence in batches, or 'auto' (right after each held-out evaluation, the monitor's "
+                        "default); default: the demo's steps // 25")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--skip-clean", action="store_true")
     p.add_argument("--verbose", action="store_true", help="print every KS value")
@@ -226,20 +229,25 @@ def main() -> None:
         threshold = inspect.signature(JEPAScoreMonitor).parameters["drift_threshold"].default
     steps, batch = args.steps, args.batch_size
     heldout_every = args.heldout_every or max(1, steps // 10)
-    incoming_every = args.incoming_every or max(1, steps // 25)
+    incoming_every: Any = args.incoming_every or max(1, steps // 25)
+    if incoming_every != "auto":
+        incoming_every = int(incoming_every)
     cadence = dict(heldout_every=heldout_every, incoming_every=incoming_every)
-    period = math.lcm(heldout_every, incoming_every)
+    period = heldout_every if incoming_every == "auto" else math.lcm(heldout_every, incoming_every)
+    per_period = 1 if incoming_every == "auto" else period // incoming_every
+    cadence_text = ("right after each held-out evaluation" if incoming_every == "auto"
+                    else f"every {incoming_every} batches")
     onset_batch = int(round(args.onset * steps))
     shift_seeds = args.shift_seeds if args.shift_seeds is not None else args.seeds
     n_ref = {s: int(make_splits(seed=s).reference[0].shape[0]) for s in set(args.seeds) | set(shift_seeds)}
     print(f"settings: {steps} steps x {batch} rows, held-out every {heldout_every} batches ({min(n_ref.values())}-"
-          f"{max(n_ref.values())} reference rows, all scored), incoming every {incoming_every} batches "
+          f"{max(n_ref.values())} reference rows, all scored), incoming {cadence_text} "
           f"({INCOMING_ROWS} rows), drift_component=log_density, drift_threshold={threshold}, "
           f"policy={'Drop(0.05, warmup=%d)' % (steps // 5) if args.policy else 'none'}, threads={args.threads}, "
           f"torch {torch.__version__}")
     print(f"data shift is compared only where a held-out evaluation (after b batches) meets an incoming one (before "
-          f"the next batch): every {period} batches, i.e. 1 incoming evaluation in {period // incoming_every}; a shift "
-          f"that is caught at the first comparison waits 0-{period // incoming_every - 1} incoming evaluations for it")
+          f"the next batch): every {period} batches, i.e. 1 incoming evaluation in {per_period}; a shift "
+          f"that is caught at the first comparison waits 0-{per_period - 1} incoming evaluations for it")
     print(f"seeds (clean): {args.seeds}; seeds (delay): {shift_seeds}; onset at batch {onset_batch}, "
           f"shifted share of each batch {args.shift_fraction}", flush=True)
 
@@ -268,7 +276,7 @@ def main() -> None:
 
     if args.kinds:
         print(f"\n2. SHIFT from batch {onset_batch}: {args.shift_fraction:.0%} of every batch is the kind; "
-              f"delay = incoming evaluations after the first that saw it (every {incoming_every} batches)")
+              f"delay = incoming evaluations after the first that saw it (incoming: {cadence_text})")
         print(f"{'kind':<12} {'seed':>4} {'first saw':>9} {'first compared':>14} {'alert at':>8} {'delay evals':>11} "
               f"{'delay batches':>13} {'seconds':>8}")
         for kind in args.kinds:
@@ -277,7 +285,7 @@ def main() -> None:
                 stream = shifted_stream(splits, steps * batch, seed, kind, onset_batch * batch, args.shift_fraction)
                 run = run_once(splits, stream, steps=steps, batch_size=batch, seed=seed, threshold=threshold,
                                policy=args.policy, stop_after_batch=onset_batch, **cadence)
-                d = delay(run, onset_batch, incoming_every, threshold)
+                d = delay(run, onset_batch, threshold)
                 fmt = lambda v: "none" if v is None else str(v)  # noqa: E731
                 print(f"{kind:<12} {seed:>4} {fmt(d['first_seen']):>9} {fmt(d['first_compared']):>14} "
                       f"{fmt(d['alert_batch']):>8} {fmt(d['evals']):>11} {fmt(d['batches']):>13} {run['seconds']:>8.0f}",

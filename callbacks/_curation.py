@@ -50,14 +50,16 @@ class Curation:
             return {"seconds": time.perf_counter() - start}
         self.failures.succeeded()
         n_estimated, n = int(getattr(decision, "n_estimated", 0)), int(decision.keep.numel())
-        if n_estimated > n // 2 and not self.warned_estimate:
+        if 4 * n_estimated > 3 * n and not self.warned_estimate:
             # The embedding alone could not tell most rows apart (e.g. a LayerNorm'd embedding whose
-            # norm, hence its prior term, is the same for every row): the budget then decides blind.
+            # norm, hence its prior term, is the same for every row): the budget then decides nearly blind.
             self.warned_estimate = True
             warnings.warn(f"{self.tag}: curation decided {n_estimated} of {n} rows at training batch {batch_index} from "
-                          "an estimate (the embedding's prior term did not separate them and gate_budget capped the "
-                          "Jacobian rows); junk among them is kept. Raise the policy's gate_budget (None: every "
-                          "undecided row exact) or use score_key='log_prior' knowingly.", RuntimeWarning, stacklevel=2)
+                          "an estimate (prior term + the reference's median Jacobian term), not from their Jacobian: "
+                          "the embedding's prior did not separate them and gate_budget capped the Jacobian rows. "
+                          "Such decisions are only as good as that estimate (watch rows_estimated_total); raise the "
+                          "policy's gate_budget (None: every undecided row exact) if junk gets through.",
+                          RuntimeWarning, stacklevel=2)
         # Editing the batch is not a measurement: an error here is a bug and must surface rather
         # than train on a half-edited batch.
         edit = apply_decision(batch, decision, input_key=self.input_key, weight_key=self.weight_key,
