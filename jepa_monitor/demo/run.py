@@ -98,7 +98,7 @@ def train(
         heldout=reference,
         heldout_max_samples=reference.shape[0],
         every_n_steps=max(1, config.steps // 10),
-        incoming_every_n_steps=max(1, config.steps // 25),
+        incoming_every_n_steps="auto",  # right after each held-out evaluation: every one a data-shift comparison
         incoming_max_rows=32,
         input_key="x",
         id_key="id",
