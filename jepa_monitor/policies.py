@@ -62,6 +62,7 @@ from typing import Any, Dict, Mapping, Optional, Protocol, Union, runtime_checka
 import torch
 
 from .gaussian import gaussian_log_prior
+from .scorer import side_rows
 from .scores import COMPONENTS
 from .statistics import quantiles
 
@@ -206,13 +207,6 @@ COUNT_KEYS = (
     "rows_scored", "rows_gated", "rows_estimated", "rows_capped", "rows_nonfinite", "rows_outside_gate",
     "weight_sum", "calibrations_refused",
 )
-
-
-def _slice_side(side: Optional[Mapping[str, Any]], rows: torch.Tensor, n: int) -> Dict[str, Any]:
-    if not side:
-        return {}
-    return {k: (v[rows.to(v.device)] if isinstance(v, torch.Tensor) and v.ndim >= 1 and v.shape[0] == n else v)
-            for k, v in side.items()}
 
 
 # ---------------------------------------------------------------------------------- policies
@@ -442,7 +436,7 @@ class ThresholdPolicy:
         rows = full.nonzero().reshape(-1)
         # A rank-synchronous scorer (sharded training) must be called on every rank alike, even with no row.
         if rows.numel() or getattr(scorer, "synchronized", False):
-            s = score_fn(x[rows], **_slice_side(side, rows, n))
+            s = score_fn(x[rows], **side_rows(side or {}, n, rows))
             scores[rows] = getattr(s, self.score_key).to(device=device, dtype=torch.float32)
             if cheap is not None and self.jacobian_range is not None:
                 j = s.jepa_score.to(device).double()

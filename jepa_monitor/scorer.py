@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Mapping, Optional
 
 import torch
 from torch import nn
@@ -36,10 +36,15 @@ METHODS = ("exact", "slq")
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
 
 
-def _slice_side(side: Dict[str, Any], n: int, start: int, stop: int) -> Dict[str, Any]:
-    """Rows [start, stop) of every per-sample side input (first dimension n); the rest as is."""
-    return {k: (v[start:stop] if isinstance(v, torch.Tensor) and v.ndim >= 1 and v.shape[0] == n else v)
-            for k, v in side.items()}
+def side_rows(side: Mapping[str, Any], n: int, rows: Any) -> Dict[str, Any]:
+    """``rows`` (a slice or an index tensor) of every per-sample side input (first dimension n); the
+    rest passes as is. Micro-batches and the curation gate both slice side inputs with this."""
+    out = {}
+    for k, v in side.items():
+        if isinstance(v, torch.Tensor) and v.ndim >= 1 and v.shape[0] == n:
+            v = v[rows.to(v.device) if isinstance(rows, torch.Tensor) else rows]
+        out[k] = v
+    return out
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -151,7 +156,7 @@ class Scorer:
                         chunk = self._first_micro_batch(x, side)
                     stop = min(start + chunk, n)
                     try:
-                        z, s, floored, d_dim = self._chunk(x[start:stop], _slice_side(side, n, start, stop))
+                        z, s, floored, d_dim = self._chunk(x[start:stop], side_rows(side, n, slice(start, stop)))
                     except torch.OutOfMemoryError:
                         if stop - start == 1:
                             raise
@@ -213,7 +218,7 @@ class Scorer:
         """Micro-batch size from one gradient-free forward pass of one sample (K and D are only known
         after a forward pass): fully scoring a first sample alone would cost a whole K-VJP loop."""
         with torch.no_grad(), differentiation_point(x[:1], self.input_module) as holder:
-            z = self._embedding(holder[0] if self.input_module is None else x[:1], _slice_side(side, x.shape[0], 0, 1))
+            z = self._embedding(holder[0] if self.input_module is None else x[:1], side_rows(side, x.shape[0], slice(0, 1)))
         if not holder:
             return 1  # the chunk path raises the explanatory error
         return micro_batch_size(z.shape[1], holder[0][0].numel(), self.memory_budget)

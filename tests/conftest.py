@@ -48,3 +48,13 @@ def brute_force_scores(
 @pytest.fixture
 def brute_force():
     return brute_force_scores
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny models: on a busy 2-core machine a second thread only
+    spin-waits for a taken core (4-20x slower measured in test_approx, test_fidelity_small)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

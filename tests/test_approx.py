@@ -17,14 +17,8 @@ from jepa_monitor.evaluation import CalibrationReport, calibrate
 from jepa_monitor.jacobian import NotDifferentiableError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These are many small ops: on a busy 2-core machine, OpenMP threads that spin-wait for a
-    taken core made this file 4x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors: on a busy 2-core machine a second intra-op thread only spins (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def brute_gram(encoder, x):

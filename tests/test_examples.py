@@ -19,13 +19,8 @@ STEPS = 12  # one epoch's worth of batches (no sample is loaded twice), a few se
 BATCH = 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on shared 2-core machines: one intra-op thread is many times faster under load."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors: on a busy 2-core machine a second intra-op thread only spins (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def load_example(name):

@@ -11,14 +11,8 @@ from jepa_monitor.evaluation import fit_baselines, ood_metrics, score_columns, s
 from synthetic import ProductMixture, random_mixture, train_sigreg_encoder
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny MLPs: a second intra-op thread only adds synchronisation, and on a busy 2-core machine
-    # waiting for it slowed training 20-fold.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors: on a busy 2-core machine a second intra-op thread only spins (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _product():

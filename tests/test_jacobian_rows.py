@@ -27,15 +27,11 @@ from jepa_monitor.jacobian import (
     plan_rows,
 )
 from jepa_monitor.logdet import gram, half_logdet
+from test_scoring_exact import SmallCNN
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: intra-op threads only spin against each other on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors: on a busy 2-core machine a second intra-op thread only spins (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -47,17 +43,7 @@ def _mlp(d: int = 48, k: int = 12, seed: int = 0) -> nn.Module:
     return nn.Sequential(nn.Linear(d, 32), nn.GELU(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, k)).eval()
 
 
-class BNCNN(nn.Module):
-    def __init__(self, k: int = 10):
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.GELU(),
-            nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.BatchNorm2d(6), nn.GELU(),
-            nn.Flatten(), nn.Linear(6 * 4 * 4, k),
-        )
-
-    def forward(self, x):
-        return self.body(x)
+BNCNN = SmallCNN  # conv + BatchNorm (eval mode) from the exact-scoring tests
 
 
 def _cnn() -> nn.Module:

@@ -60,13 +60,8 @@ class TinyBert(nn.Module):
         return self.encode(self.word_embeddings(input_ids), attention_mask)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: intra-op threads only add synchronisation (on a loaded 2-core box, 10x)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors: on a busy 2-core machine a second intra-op thread only spins (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model() -> TinyBert:

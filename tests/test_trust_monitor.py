@@ -57,12 +57,8 @@ def trust_at_fit_start(kind: str, heldout_rows: int, tmp_path) -> float:
     return monitor.trust
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors: on a busy 2-core machine a second intra-op thread only spins (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_gaussianizing_encoder_reads_trusted(tmp_path):
