@@ -38,7 +38,8 @@ DEFAULT_MEMORY_BUDGET = 256 * 2**20
 
 def side_rows(side: Mapping[str, Any], n: int, rows: Any) -> Dict[str, Any]:
     """``rows`` (a slice or an index tensor) of every per-sample side input (first dimension n); the
-    rest passes as is. Micro-batches and the curation gate both slice side inputs with this."""
+    rest passes as is. Micro-batches and the curation gate both slice side inputs with this. Known
+    ambiguity: a shared side tensor whose first dimension happens to equal n is sliced too."""
     out = {}
     for k, v in side.items():
         if isinstance(v, torch.Tensor) and v.ndim >= 1 and v.shape[0] == n:
