@@ -58,10 +58,20 @@ class MonitorClock:
         wall, run, curation = last
         return now - wall - (self.run - run), self.curation - curation
 
+    def _wall(self) -> float:
+        return time.perf_counter() - self.t0 - self.burst if self.t0 is not None else 0.0
+
     def share(self) -> float:
-        """Monitor seconds over wall seconds since fit start, the fit-start burst left out of both."""
-        wall = time.perf_counter() - self.t0 - self.burst if self.t0 is not None else 0.0
-        return (self.run + self._running() - self.burst) / wall if wall > 0 else 0.0
+        """Measurement seconds (everything but curation) over wall seconds since fit start, the
+        fit-start burst left out of both: what ``budget`` bounds."""
+        wall = self._wall()
+        return (self.run - self.curation + self._running() - self.burst) / wall if wall > 0 else 0.0
+
+    def curation_share(self) -> float:
+        """Curation seconds over the same wall time: what ``curation_budget`` bounds (as a share of
+        training batches, c/s, rather than of the wall time, c/(s + c + ...))."""
+        wall = self._wall()
+        return self.curation / wall if wall > 0 else 0.0
 
     def state_dict(self) -> Dict[str, Any]:
         return {"total": self.total, "evaluation": dict(self.evaluation)}

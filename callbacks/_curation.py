@@ -6,6 +6,7 @@ per rank, and the rows it touched are buffered and written at the next held-out 
 
 from __future__ import annotations
 
+import inspect
 import time
 import warnings
 from typing import Any, Dict, List, Mapping, Optional
@@ -18,14 +19,19 @@ from jepa_monitor.scores import COMPONENTS
 
 from ._failures import FailureCounter
 from ._heldout import side_inputs
+from ._pacing import CurationPacer
 
 
 class Curation:
     """The policy of one monitor, applied to training batches."""
 
     def __init__(self, policy: Any, keys: MetricKeys, tag: str, *, input_key: Key, id_key: Key,
-                 side_keys: Mapping[str, Key], weight_key: str, max_failures: int) -> None:
+                 side_keys: Mapping[str, Key], weight_key: str, max_failures: int,
+                 curation_budget: Optional[float] = None) -> None:
         self.policy, self.keys = policy, keys
+        # A policy whose decide_batch takes max_scored can be paced (Drop and Reweight can).
+        paceable = "max_scored" in inspect.signature(policy.decide_batch).parameters
+        self.pacer = CurationPacer(curation_budget) if curation_budget is not None and paceable else None
         self.input_key, self.id_key, self.side_keys, self.weight_key = input_key, id_key, side_keys, weight_key
         self.failures = FailureCounter(
             tag, "curation", "curating training batch", "the batch trains unfiltered",
@@ -35,16 +41,22 @@ class Curation:
         self.tag, self.warned_estimate = tag, False
 
     def curate(self, scorer: Any, batch: Any, *, batch_index: int, step: int,
-               trust: Optional[float]) -> Optional[Dict[str, Any]]:
+               trust: Optional[float], step_seconds: Optional[float] = None) -> Optional[Dict[str, Any]]:
         """Decide for ``batch`` and edit it in place; returns what to log (None: nothing decided).
-        Seconds spent are in the result's ``seconds``."""
+        Seconds spent are in the result's ``seconds``. ``step_seconds``: a training batch's wall
+        time without the monitor (None before it is measured), what the pacing is a share of."""
         start = time.perf_counter()
+        paced = {}
+        if self.pacer is not None:
+            cap = self.pacer.max_rows(step_seconds)
+            if cap is not None:
+                paced["max_scored"] = cap
         try:
             x = get_input(batch, self.input_key)
             ids = get_ids(batch, self.id_key, x.shape[0])
             side = side_inputs(batch, self.side_keys)
             with torch.inference_mode(False), torch.no_grad():
-                decision = self.policy.decide_batch(scorer, x, batch_index, trust, side=side)
+                decision = self.policy.decide_batch(scorer, x, batch_index, trust, side=side, **paced)
         except Exception as err:
             self.failures.failed(f"{batch_index}", err)
             return {"seconds": time.perf_counter() - start}
@@ -56,8 +68,9 @@ class Curation:
             self.warned_estimate = True
             warnings.warn(f"{self.tag}: curation decided {n_estimated} of {n} rows at training batch {batch_index} from "
                           "an estimate (prior term + the reference's median Jacobian term), not from their Jacobian: "
-                          "the embedding's prior did not separate them and gate_budget capped the Jacobian rows. "
-                          "Such decisions are only as good as that estimate (watch rows_estimated_total); raise the "
+                          "the embedding's prior did not separate them and the policy's gate_budget (or the monitor's "
+                          "curation_budget pacing) capped the Jacobian rows. Such decisions are only as good as that "
+                          "estimate (watch rows_estimated_total); raise curation_budget (None: no pacing) and the "
                           "policy's gate_budget (None: every undecided row exact) if junk gets through.",
                           RuntimeWarning, stacklevel=2)
         # Editing the batch is not a measurement: an error here is a bug and must surface rather
@@ -84,7 +97,10 @@ class Curation:
                 "kept": keep[sel].int().tolist(),
                 "weight": weight[sel].tolist(),
             })
-        return {"seconds": time.perf_counter() - start, "keep": keep, "weight": weight, "decision": decision}
+        seconds = time.perf_counter() - start
+        if self.pacer is not None and decision.active:
+            self.pacer.spent(step_seconds, seconds, int(decision.n_scored))
+        return {"seconds": seconds, "keep": keep, "weight": weight, "decision": decision}
 
     def metrics(self, result: Mapping[str, Any]) -> Dict[str, float]:
         """This batch's decision and every counter of the policy (``<counter>_total``)."""

@@ -3,12 +3,12 @@
 With a budget, the held-out evaluation (and the incoming rows scored with the same weights right
 after it) is spaced so that its cost stays within ``budget`` of the wall time:
 
-    gap = ceil(E / (budget·(s + c) − c))
+    gap = ceil(E / (budget·(s + c)))
 
 batches between evaluations, where E is the measured cost of one evaluation, s the median wall time
-of a training batch without the monitor and c the monitor's per-batch curation cost (which cannot
-be spaced out: a policy decides every batch). When curation alone exceeds the budget, evaluations
-fall back to ``max_gap`` and the monitor says so. The first evaluation, at fit start, is a burst
+of a training batch without the monitor and c the median per-batch curation cost (a policy decides
+every batch; its cost has its own share, ``curation_budget``, paced in ``_pacing.py``, and is part
+of the wall time the evaluations are a share of). The first evaluation, at fit start, is a burst
 outside the budget (reported as ``time/fit_start_seconds``). No Lightning import: plain numbers.
 """
 
@@ -70,19 +70,15 @@ class Schedule:
         the ranks agree on the largest). None before any batch was timed."""
         if not self.step_seconds:
             return None
-        s = statistics.median(self.step_seconds)
-        c = statistics.median(self.curation_seconds)
-        room = self.budget * (s + c) - c
+        room = self.budget * (statistics.median(self.step_seconds) + statistics.median(self.curation_seconds))
         if room <= 0:
             return self.max_gap
         return int(min(self.max_gap, max(1, math.ceil(evaluation_seconds / room))))
 
+    def batch_seconds(self) -> Optional[float]:
+        """Median wall time of a training batch without the monitor; None before one is timed."""
+        return statistics.median(self.step_seconds) if self.step_seconds else None
+
     def plan(self, last_heldout_batch: int, gap: int) -> None:
         self.gap = gap
         self.next_heldout = last_heldout_batch + gap
-
-    def curation_over_budget(self) -> bool:
-        if not self.curation_seconds or self.budget is None:
-            return False
-        s, c = statistics.median(self.step_seconds), statistics.median(self.curation_seconds)
-        return c > self.budget * (s + c)

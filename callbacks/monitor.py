@@ -81,10 +81,12 @@ class JEPAScoreMonitor(Callback):
       ``shape_epps_pulley``, ``shape_norm_cv_ratio``);
       ``<name>/trust/agreement/<a>_vs_<b>`` — Spearman between jepa_score, log_density,
       mahalanobis and knn on the Jacobian-scored rows.
-    - ``<name>/time/score_seconds``, ``total_score_seconds``, ``share`` — the last measurement, all monitor
-      time since fit start (scoring, trust, logging, export, curation), and its share of the wall time
-      after the fit-start evaluation; ``fit_start_seconds`` — that first evaluation (a burst outside
-      the budget); ``budget``; ``heldout_gap`` — batches between held-out evaluations chosen by the
+    - ``<name>/time/score_seconds``, ``total_score_seconds`` — the last measurement and all monitor
+      time since fit start (scoring, trust, logging, export, curation); ``share`` — the measurement
+      part of it (curation excluded) over the wall time after the fit-start evaluation, what
+      ``budget`` bounds; ``curation_share`` — curation's seconds over the same wall time;
+      ``fit_start_seconds`` — that first evaluation (a burst outside the budget); ``budget``,
+      ``curation_budget``; ``heldout_gap`` — batches between held-out evaluations chosen by the
       budget; ``<name>/monitor/failures_total``.
     - With a ``policy``, every ``trainer.log_every_n_steps`` batches: ``<name>/policy/fraction_dropped``,
       ``mean_weight``, ``batch_weight``, ``active`` (current batch) and ``<name>/policy/<counter>_total`` for
@@ -107,8 +109,13 @@ class JEPAScoreMonitor(Callback):
         heldout: a DataLoader (batches laid out as training batches), a tensor, or the path of a
             ``torch.save``-d tensor or dict batch. Read once, into CPU memory.
         every_n_steps: held-out evaluation every this many training batches (None: spaced by ``budget``).
-        budget: the share of training wall time the monitor may spend (scoring, curation, logging);
-            None: no budget (then ``every_n_steps`` is needed).
+        budget: the share of training wall time the monitor's measurements may spend (scoring,
+            trust, logging, export); None: no budget (then ``every_n_steps`` is needed).
+        curation_budget: with a ``policy``, the time curating a batch may add, as a share of a
+            training batch's own time, on average (0.25: at most a quarter more). The policy's
+            Jacobian rows per batch are paced to it (``callbacks/_pacing.py``); rows it cannot pay for
+            are decided from the gate's estimate (``rows_estimated``). The embedding forward pass is
+            paid in any case. None: no pacing (the policy's ``gate_budget`` alone caps the rows).
         input_key, id_key: where the input / the sample ids sit in a batch: a key or index, a path
             (``"views.0.image"``, ``("views", 0, "image")``, ``(0, 0)``) or a callable ``batch -> tensor``.
         encoder_kwargs_keys: side inputs of the encoder, e.g. ``{"attention_mask": "attention_mask"}``
@@ -142,6 +149,7 @@ class JEPAScoreMonitor(Callback):
         *,
         every_n_steps: Optional[int] = None,
         budget: Optional[float] = 0.05,
+        curation_budget: Optional[float] = 0.25,
         input_key: Key = 0,
         id_key: Key = None,
         encoder_kwargs_keys: Union[Mapping[str, Key], Sequence[str], None] = None,
@@ -191,7 +199,8 @@ class JEPAScoreMonitor(Callback):
         self.weight_key = policy_key if policy_key != "sample_weight" else weight_key
         self.curation = None if policy is None else Curation(
             policy, self.keys, self._tag, input_key=input_key, id_key=id_key, side_keys=self.side_keys,
-            weight_key=self.weight_key, max_failures=max_failures)
+            weight_key=self.weight_key, max_failures=max_failures, curation_budget=curation_budget)
+        self.curation_budget = curation_budget
         self.failures = FailureCounter(
             self._tag, "scoring", "scoring", "the measurement is skipped and training continues",
             "no more scores are measured or logged and no batch is curated in this run; fix the cause and "
@@ -340,7 +349,8 @@ class JEPAScoreMonitor(Callback):
             if b == 0 and timed is None:  # scored with the fit-start evaluation: part of its burst
                 self.clock.burst += self.clock.evaluation["incoming"]
         if self.curation is not None and not self.curation.failures.disabled and not self.disabled:
-            result = self.curation.curate(self.scorer(pl_module), batch, batch_index=b, step=trainer.global_step, trust=self._trust)
+            result = self.curation.curate(self.scorer(pl_module), batch, batch_index=b, step=trainer.global_step,
+                                          trust=self._trust, step_seconds=self.schedule.batch_seconds())
             self.clock.add(result["seconds"], curation=True)
             if "decision" in result and trainer.log_every_n_steps and b % trainer.log_every_n_steps == 0:
                 with self.report.guard("curated batch", b):
@@ -511,18 +521,24 @@ class JEPAScoreMonitor(Callback):
             with self.report.guard("schedule", self._batches):
                 self.report.log(trainer, {self.keys.time("heldout_gap"): float(self.schedule.gap),
                                           self.keys.time("budget"): float(self.budget)})
-        if self.schedule.curation_over_budget():
-            self.report.warn_once("budget", f"{self._tag}: curation alone takes more than budget={self.budget} of the "
-                                  "training time; held-out evaluations are spaced to the maximum. Use a cheaper policy "
-                                  "(gate_budget, score_key='log_prior', every_n_steps) or a larger budget.")
 
     def _time_metrics(self, seconds: float) -> Dict[str, float]:
         k = self.keys
+        pacer = self.curation.pacer if self.curation is not None else None
+        if pacer is not None and pacer.over_budget():
+            self.report.warn_once("budget", f"{self._tag}: curation costs more than 1.5 x curation_budget="
+                                  f"{self.curation_budget} of a training batch even with few Jacobian rows (the "
+                                  "embedding forward pass, or a policy with gate=False). Use a cheaper policy "
+                                  "(score_key='log_prior', every_n_steps) or a larger curation_budget.")
         metrics = {k.time("score_seconds"): seconds, k.time("total_score_seconds"): self.clock.total_now(),
                    k.time("share"): self.clock.share(), k.time("fit_start_seconds"): self.clock.burst,
                    k("monitor", "failures_total"): float(self.failures.total)}
         if self.budget is not None:
             metrics[k.time("budget")] = self.budget
+        if self.curation is not None:
+            metrics[k.time("curation_share")] = self.clock.curation_share()
+            if self.curation_budget is not None:
+                metrics[k.time("curation_budget")] = self.curation_budget
         if self.schedule.gap is not None:
             metrics[k.time("heldout_gap")] = float(self.schedule.gap)
         return metrics

@@ -2,10 +2,12 @@
 
 The cost floor is one forward pass plus K input-only vector-Jacobian products. Each VJP is taken
 on ``z[:, k].sum()``, which yields every sample's k-th Jacobian row in one backward pass; that is
-valid because scoring runs in eval mode, where samples do not interact. Rows come either one
-backward pass each (the loop) or ``w`` at a time through one vmapped backward pass
-(``is_grads_batched``); ``vectorize="auto"`` times both once per (encoder, input shape, device) and
-keeps the faster.
+valid because scoring runs in eval mode, where samples do not interact. Rows come one backward
+pass each (the loop), ``w`` at a time through one vmapped backward pass (``is_grads_batched``), or
+``w`` at a time from one forward and one backward pass over a batch in which every sample is
+repeated ``w`` times (replicated rows: plain batched kernels, no vmap; the same independence of
+samples makes it exact). ``vectorize="auto"`` times the three once per (encoder, input shape,
+device) and keeps the fastest.
 
 Materialising the whole (B, K, D) Jacobian is what exhausts memory, so :func:`embedding_and_gram`
 never holds more Jacobian rows than ``memory_budget`` allows: the float64 Gram is accumulated from
@@ -99,7 +101,7 @@ _AUTO_LOOP_ROWS = 8  # rows timed for the loop (per-row cost is steady)
 _AUTO_ROUNDS = 2  # interleaved timing rounds at least; the minimum of each candidate is compared
 _AUTO_MIN_SECONDS = 0.15  # ... and more rounds until the timed calls have taken this long
 _AUTO_MAX_ROUNDS = 32
-_AUTO_MARGIN = 0.9  # batched must be at least 10 % faster per row to replace the loop
+_AUTO_MARGIN = 0.9  # batched or replicated must be at least 10 % faster per row to replace the loop
 
 
 def _vjp_rows_loop(z: torch.Tensor, leaf: torch.Tensor, out: torch.Tensor, start: int = 0) -> None:
@@ -131,6 +133,29 @@ def _vjp_rows_batched(z: torch.Tensor, leaf: torch.Tensor, out: torch.Tensor, ro
         if g is None:
             raise NotDifferentiableError(_NOT_DIFFERENTIABLE)
         out[:, i0:i1] = g.reshape(w, b, -1).transpose(0, 1)
+
+
+Replicated = Callable[[int], Tuple[torch.Tensor, torch.Tensor]]
+"""``w -> (leaf, z)``: a fresh forward pass over the micro-batch with every sample repeated ``w``
+times in a row (``repeat_interleave``), side inputs alike: leaf (b·w, ...), z (b·w, K)."""
+
+
+def _vjp_rows_replicated(forward: Replicated, out: torch.Tensor, rows: int, start: int = 0) -> None:
+    """As :func:`_vjp_rows_loop`, ``rows`` Jacobian rows per forward + backward pass over the
+    replicated batch: copy ``i`` of every sample receives the cotangent e_(start + i0 + i), so the
+    input gradient of that copy is the sample's Jacobian row. No graph is retained."""
+    b, count = out.shape[0], out.shape[1]
+    for i0 in range(0, count, rows):
+        w = min(rows, count - i0)
+        leaf, z = forward(w)
+        k_dim = z.shape[1]
+        onehot = z.new_zeros(b, w, k_dim)
+        idx = torch.arange(w, device=z.device)
+        onehot[:, idx, start + i0 + idx] = 1
+        (g,) = torch.autograd.grad(z, leaf, grad_outputs=onehot.reshape(b * w, k_dim), allow_unused=True)
+        if g is None:
+            raise NotDifferentiableError(_NOT_DIFFERENTIABLE)
+        out[:, i0 : i0 + w] = g.reshape(b, w, -1)
 
 
 def differentiable_forward(
@@ -166,11 +191,11 @@ def differentiable_forward(
 
 
 # ---------------------------------------------------------------------------------------------
-# Loop or batched rows, and the cached "auto" decision between them
+# Loop, batched or replicated rows, and the cached "auto" decision between them
 
 
-_AUTO_DECISIONS: "weakref.WeakKeyDictionary[Any, Dict[tuple, int]]" = weakref.WeakKeyDictionary()
-_AUTO_DECISIONS_BY_ID: Dict[tuple, int] = {}  # encoders that cannot be weakly referenced
+_AUTO_DECISIONS: "weakref.WeakKeyDictionary[Any, Dict[tuple, Mode]]" = weakref.WeakKeyDictionary()
+_AUTO_DECISIONS_BY_ID: Dict[tuple, "Mode"] = {}  # encoders that cannot be weakly referenced
 
 
 def _auto_identity(encoder: Any) -> Tuple[Any, Any]:
@@ -198,7 +223,7 @@ def _auto_identity(encoder: Any) -> Tuple[Any, Any]:
     return encoder, None
 
 
-def _cache_get(encoder: Any, key: tuple) -> Optional[int]:
+def _cache_get(encoder: Any, key: tuple) -> Optional["Mode"]:
     owner, extra = _auto_identity(encoder)
     try:
         return _AUTO_DECISIONS.get(owner, {}).get((extra, *key))
@@ -206,19 +231,20 @@ def _cache_get(encoder: Any, key: tuple) -> Optional[int]:
         return _AUTO_DECISIONS_BY_ID.get((id(owner), extra, *key))
 
 
-def _cache_put(encoder: Any, key: tuple, width: int) -> None:
+def _cache_put(encoder: Any, key: tuple, mode: "Mode") -> None:
     owner, extra = _auto_identity(encoder)
     try:
-        _AUTO_DECISIONS.setdefault(owner, {})[(extra, *key)] = width
+        _AUTO_DECISIONS.setdefault(owner, {})[(extra, *key)] = mode
     except TypeError:
         if len(_AUTO_DECISIONS_BY_ID) > 256:  # ids are reused after garbage collection: stay small
             _AUTO_DECISIONS_BY_ID.clear()
-        _AUTO_DECISIONS_BY_ID[(id(owner), extra, *key)] = width
+        _AUTO_DECISIONS_BY_ID[(id(owner), extra, *key)] = mode
 
 
-def cached_vectorize_decisions(encoder: Any) -> Dict[tuple, int]:
+def cached_vectorize_decisions(encoder: Any) -> Dict[tuple, "Mode"]:
     """The ``vectorize="auto"`` decisions cached for ``encoder`` (and any wrapper of it: bound
-    methods, closures): {(leaf shape, K, device, dtype): rows per batched backward, 0 = loop}."""
+    methods, closures): {(micro-batch size class, per-sample input shape, K, device, dtype): mode},
+    mode ``("loop", 0)``, ``("batched", w)`` or ``("replicated", w)`` (``w`` rows per pass)."""
     owner, _ = _auto_identity(encoder)
     try:
         found = dict(_AUTO_DECISIONS.get(owner, {}))
@@ -249,120 +275,178 @@ def _timed(fn: Callable[[], None], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+Mode = Tuple[str, int]
+"""How Jacobian rows are computed: ("loop", 0), ("batched", w) or ("replicated", w)."""
+LOOP: Mode = ("loop", 0)
+KINDS = ("loop", "batched", "replicated")
+
+
 def _parse_vectorize(vectorize: Vectorize) -> Tuple[str, int]:
+    """("loop" | "batched" | "replicated" | "auto", width); a width of 0 means "choose it"."""
     if vectorize is None or vectorize is False:
-        return "loop", 0
+        return LOOP
     if vectorize is True or vectorize == AUTO:
         return AUTO, 0
+    if vectorize == "replicated":
+        return "replicated", 0
     if isinstance(vectorize, str):
-        raise ValueError(f"vectorize={vectorize!r}: pass None (loop), an int (rows per batched backward) or 'auto'.")
+        raise ValueError(f"vectorize={vectorize!r}: pass None (loop), an int (rows per batched backward), "
+                         "'replicated' or 'auto'.")
     width = int(vectorize)
     if width < 0:
         raise ValueError(f"vectorize={vectorize!r}: the number of rows per batched backward must be >= 0.")
-    return ("batched", width) if width >= 2 else ("loop", 0)
+    return ("batched", width) if width >= 2 else LOOP
 
 
 def auto_width(device: torch.device, k_dim: int, b: int, d_dim: int, memory_budget: Optional[int]) -> int:
-    """Rows per batched backward that ``vectorize="auto"`` weighs against the loop: 16 on CPU, 64
-    on an accelerator, at most K, and (with a budget) at most what keeps the batched gradient
-    (width × b × D float32) within half the budget. Below 2 there is nothing to batch."""
+    """Rows per batched (or replicated) pass that ``vectorize="auto"`` weighs against the loop: 16
+    on CPU, 64 on an accelerator, at most K, and (with a budget) at most what keeps the gradient
+    block (width × b × D float32) within half the budget. Below 2 there is nothing to batch."""
     width = min(k_dim, AUTO_WIDTH_CPU if device.type == "cpu" else AUTO_WIDTH_ACCELERATOR)
     if memory_budget is not None:
         width = min(width, memory_budget // max(1, 2 * b * d_dim * 4))
     return width if width >= 2 else 0
 
 
-class _Rows:
-    """Fills Jacobian rows [k0, k0 + r) of every sample into a (b, r, D) buffer from one retained
-    forward graph: the loop (``width`` 0) or ``width`` rows per batched backward. A batching
-    failure (an op without a vmap rule) falls back to the loop, out of memory halves the width.
-    With ``auto`` set, the first :meth:`fill` times both and keeps (and caches) the faster."""
+def _size_class(b: int) -> int:
+    """Micro-batch sizes that share an "auto" decision: 1, 2, 3-4, 5-8, ... (the curation gate
+    scores a different number of rows every batch; per-row costs change slowly with b)."""
+    return 1 << max(0, b - 1).bit_length()
 
-    def __init__(self, z: torch.Tensor, leaf: torch.Tensor, width: int, auto: Optional[tuple] = None,
-                 quiet: bool = False):
-        self.z, self.leaf, self.width = z, leaf, width
+
+class _Rows:
+    """Fills Jacobian rows [k0, k0 + r) of every sample into a (b, r, D) buffer: the loop and
+    batched rows use the one retained forward graph (``z``, ``leaf``), replicated rows call
+    ``replicated``. A batching failure (an op without a vmap rule, a batch-size-dependent model)
+    falls back to the loop, out of memory halves the width. With ``auto`` set, the first
+    :meth:`fill` times the candidates and keeps (and caches) the fastest."""
+
+    def __init__(self, z: torch.Tensor, leaf: torch.Tensor, mode: Mode = LOOP,
+                 replicated: Optional[Replicated] = None, auto: Optional[tuple] = None, quiet: bool = False):
+        self.z, self.leaf, self.replicated = z, leaf, replicated
+        self.kind, self.width = mode if mode[1] >= 2 else LOOP
+        if self.kind == "replicated" and replicated is None:
+            self.kind, self.width = LOOP
         self._auto = auto  # (encoder, key) while a decision is pending
         # "auto" chose batching by timing it: vmap's per-op "performance drop" notice is no news.
         self._quiet = quiet or auto is not None
+
+    @property
+    def mode(self) -> Mode:
+        return (self.kind, self.width)
 
     def fill(self, out: torch.Tensor, k0: int) -> None:
         done = self._decide(out, k0) if self._auto is not None else 0
         if done < out.shape[1]:
             self._fill(out[:, done:], k0 + done)
 
+    def _run(self, kind: str, width: int, out: torch.Tensor, k0: int) -> None:
+        if kind == "batched":
+            _vjp_rows_batched(self.z, self.leaf, out, width, k0)
+        elif kind == "replicated":
+            _vjp_rows_replicated(self.replicated, out, width, k0)
+        else:
+            _vjp_rows_loop(self.z, self.leaf, out, k0)
+
     def _fill(self, out: torch.Tensor, k0: int) -> None:
-        while self.width >= 2:
+        while self.kind != "loop":
             try:
                 with warnings.catch_warnings():
                     if self._quiet:
                         warnings.simplefilter("ignore", UserWarning)
-                    _vjp_rows_batched(self.z, self.leaf, out, self.width, k0)
+                    self._run(self.kind, self.width, out, k0)
                 return
             except NotDifferentiableError:
                 raise
             except torch.OutOfMemoryError:
-                self.width = self.width // 2 if self.width > 2 else 0
+                self.width = self.width // 2
+                if self.width < 2:
+                    self.kind, self.width = LOOP
                 if self.z.device.type == "cuda":
                     torch.cuda.empty_cache()
             except (RuntimeError, NotImplementedError):
-                self.width = 0  # no batching rule for some op: the loop computes the same rows
+                self.kind, self.width = LOOP  # no batching rule for some op: the loop computes the same rows
         _vjp_rows_loop(self.z, self.leaf, out, k0)
 
     def _decide(self, out: torch.Tensor, k0: int) -> int:
-        """Time the loop and the batched backward on this block's first rows (its rows are kept:
-        both compute the same numbers); returns how many leading rows of ``out`` are filled."""
+        """Time the loop, batched and replicated rows on this block's first rows (its rows are kept:
+        all compute the same numbers); returns how many leading rows of ``out`` are filled."""
         encoder, key = self._auto
         self._auto = None
         width = min(self.width, out.shape[1])
         device = self.z.device
+        self.kind, self.width = LOOP
         if width < 2:
-            self.width = 0
-            _cache_put(encoder, key, 0)
+            _cache_put(encoder, key, LOOP)
             return 0
         first = out[:, :width]
         loop_rows = min(_AUTO_LOOP_ROWS, width)
+        candidates = [("batched", width)] + ([("replicated", width)] if self.replicated is not None else [])
+        working = []
         with warnings.catch_warnings():
             # vmap's "performance drop ... batching rule" notice: the timing below judges that.
             warnings.simplefilter("ignore", UserWarning)
-            try:
-                _vjp_rows_batched(self.z, self.leaf, first, width, k0)  # warm-up (untimed), kept
-            except NotDifferentiableError:
-                raise
-            except (RuntimeError, NotImplementedError):  # out of memory included
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                self.width = 0
-                _cache_put(encoder, key, 0)
+            for kind, w in candidates:
+                try:
+                    self._run(kind, w, first, k0)  # warm-up (untimed); its rows are kept
+                    working.append((kind, w))
+                except NotDifferentiableError:
+                    raise
+                except (RuntimeError, NotImplementedError):  # out of memory included
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+            if not working:
+                _cache_put(encoder, key, LOOP)
                 return 0
-            t_loop = t_batched = math.inf
-            rounds = spent = 0
+            best = {m: math.inf for m in working}
+            t_loop, rounds, spent = math.inf, 0, 0.0
             # Small models take well under a millisecond per call, less than one time slice of a
             # busy machine: keep timing (minimum of each) until the candidates have had 150 ms.
             while rounds < _AUTO_ROUNDS or (spent < _AUTO_MIN_SECONDS and rounds < _AUTO_MAX_ROUNDS):
-                a = _timed(lambda: _vjp_rows_loop(self.z, self.leaf, first[:, :loop_rows], k0), device)
-                c = _timed(lambda: _vjp_rows_batched(self.z, self.leaf, first, width, k0), device)
-                t_loop, t_batched, spent, rounds = min(t_loop, a), min(t_batched, c), spent + a + c, rounds + 1
-        self.width = width if t_batched / width < _AUTO_MARGIN * t_loop / loop_rows else 0
-        _cache_put(encoder, key, self.width)
+                t = _timed(lambda: _vjp_rows_loop(self.z, self.leaf, first[:, :loop_rows], k0), device)
+                t_loop, spent = min(t_loop, t), spent + t
+                for kind, w in working:
+                    t = _timed(lambda: self._run(kind, w, first, k0), device)
+                    best[(kind, w)], spent = min(best[(kind, w)], t), spent + t
+                rounds += 1
+        mode, t_best = min(best.items(), key=lambda item: item[1])
+        if t_best / width < _AUTO_MARGIN * t_loop / loop_rows:
+            self.kind, self.width = mode
+        _cache_put(encoder, key, self.mode)
         return width
 
 
-def _rows_for(encoder, z, leaf, vectorize: Vectorize, memory_budget: Optional[int], cache_key: Any = None) -> _Rows:
-    mode, width = _parse_vectorize(vectorize)
+def _rows_for(encoder, z, leaf, vectorize: Vectorize, memory_budget: Optional[int], cache_key: Any = None,
+              replicated: Optional[Replicated] = None) -> _Rows:
+    kind, width = _parse_vectorize(vectorize)
     encoder = encoder if cache_key is None else cache_key
-    if mode != AUTO:
-        return _Rows(z, leaf, width)
     b, k_dim = z.shape
     d_dim = leaf[0].numel() if b else 0
-    key = (tuple(leaf.shape), k_dim, str(z.device), z.dtype)
+    if kind == "replicated" or kind == AUTO:
+        width = auto_width(z.device, k_dim, b, d_dim, memory_budget)
+    if kind != AUTO:
+        return _Rows(z, leaf, (kind, width), replicated)
+    key = (_size_class(b), tuple(leaf.shape[1:]), k_dim, str(z.device), z.dtype)
     cached = _cache_get(encoder, key)
     if cached is not None:
-        return _Rows(z, leaf, cached, quiet=True)
-    width = auto_width(z.device, k_dim, b, d_dim, memory_budget)
+        return _Rows(z, leaf, cached, replicated, quiet=True)
     if width < 2:
-        _cache_put(encoder, key, 0)
-        return _Rows(z, leaf, 0)
-    return _Rows(z, leaf, width, auto=(encoder, key))
+        _cache_put(encoder, key, LOOP)
+        return _Rows(z, leaf, LOOP)
+    return _Rows(z, leaf, (AUTO, width), replicated, auto=(encoder, key))
+
+
+def _replicator(encoder, x, *, output, pool, input_module, encoder_kwargs) -> Replicated:
+    """The forward pass of replicated rows for one micro-batch (see :data:`Replicated`)."""
+    b = x.shape[0]
+
+    def forward(w: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        kwargs = {k: v.repeat_interleave(w, 0) if isinstance(v, torch.Tensor) and v.ndim >= 1 and v.shape[0] == b else v
+                  for k, v in (encoder_kwargs or {}).items()}
+        return differentiable_forward(encoder, x.repeat_interleave(w, 0), output=output, pool=pool,
+                                      input_module=input_module, encoder_kwargs=kwargs)
+
+    return forward
 
 
 # ---------------------------------------------------------------------------------------------
@@ -520,10 +604,13 @@ def embedding_and_gram(
     Args:
         vectorize: None/0 loops over rows (one backward each); an int ``w`` >= 2 takes ``w`` rows
             per vmapped backward (``is_grads_batched``; a batching failure falls back to the loop,
-            out of memory halves ``w``); ``"auto"`` times the loop against batched rows (16 per
-            backward on CPU, 64 on an accelerator) on the first micro-batch of each (encoder,
-            input shape, device) and keeps the faster for every later call (see
-            :func:`cached_vectorize_decisions`). The rows are the same numbers whichever is used.
+            out of memory halves ``w``); ``"replicated"`` takes ``w`` rows (16 on CPU, 64 on an
+            accelerator, within the budget) per forward + backward pass over the micro-batch with
+            each sample repeated ``w`` times (per-sample ``encoder_kwargs`` repeated alike);
+            ``"auto"`` times the three on the first micro-batch of each (encoder, size class,
+            input shape, device) and keeps the fastest for every later call (see
+            :func:`cached_vectorize_decisions`). The rows are the same numbers whichever is used
+            (up to float32 rounding: kernels may sum in another order at another batch size).
         memory_budget: bytes for the Jacobian rows, their float64 pieces and the Gram (not the
             activations). When b·K·D float32 rows do not fit, rows are held in groups and
             recomputed (:func:`plan_rows`: K·(p+1)/2 row-VJPs for p groups). None: no bound.
@@ -539,8 +626,10 @@ def embedding_and_gram(
     )
     b, k_dim = z.shape
     d_dim = math.prod(leaf.shape[1:])
-    rows = _rows_for(encoder, z, leaf, vectorize, memory_budget, cache_key)
-    plan = plan_rows(b, k_dim, d_dim, memory_budget, width=max(rows.width, 0))
+    replicated = _replicator(encoder, x, output=output, pool=pool, input_module=input_module,
+                             encoder_kwargs=encoder_kwargs)
+    rows = _rows_for(encoder, z, leaf, vectorize, memory_budget, cache_key, replicated)
+    plan = plan_rows(b, k_dim, d_dim, memory_budget, width=rows.width)
     g = _gram_from_rows(rows, plan, b, k_dim, d_dim)
     return z.detach(), g, d_dim
 
@@ -564,5 +653,7 @@ def embedding_and_jacobian(
     )
     b, k_dim = z.shape
     jac = torch.empty(b, k_dim, math.prod(leaf.shape[1:]), dtype=z.dtype, device=z.device)
-    _rows_for(encoder, z, leaf, vectorize, None, cache_key).fill(jac, 0)
+    replicated = _replicator(encoder, x, output=output, pool=pool, input_module=input_module,
+                             encoder_kwargs=encoder_kwargs)
+    _rows_for(encoder, z, leaf, vectorize, None, cache_key, replicated).fill(jac, 0)
     return z.detach(), jac

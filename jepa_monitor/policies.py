@@ -181,7 +181,9 @@ class Policy(Protocol):
     - ``needs_refresh(step)``: True when the calibration is too old to act on; the monitor then
       re-scores the held-out set before the batch is decided.
     - ``decide_batch(scorer, x, step, trust, side=...)`` -> :class:`Decision`. ``scorer`` has
-      ``score(x, **side) -> SampleScores`` and ``embed(x, **side) -> (B, K)``.
+      ``score(x, **side) -> SampleScores`` and ``embed(x, **side) -> (B, K)``. A policy whose
+      ``decide_batch`` also takes ``max_scored=`` is paced by the monitor's ``curation_budget``
+      (at most that many rows scored with the Jacobian in this batch).
     - ``state_dict()`` / ``load_state_dict(state)``: checkpointed with the monitor.
     """
 
@@ -390,6 +392,7 @@ class ThresholdPolicy:
         trust: Optional[float] = None,
         *,
         side: Optional[Mapping[str, Any]] = None,
+        max_scored: Optional[int] = None,
     ) -> Decision:
         """Decide for every row of ``x`` (B, ...).
 
@@ -397,7 +400,9 @@ class ThresholdPolicy:
         -> SampleScores`` and, for the cheap stage, ``embed(rows, **side) -> (b, K)``; a plain
         callable ``rows -> scores`` is scored exactly, row by row as needed). ``step`` is the
         caller's batch counter (warm-up, cadence), ``trust`` the latest trust indicator, ``side``
-        the encoder's side inputs for these rows (sliced with them).
+        the encoder's side inputs for these rows (sliced with them). ``max_scored``: a cap on this
+        batch's Jacobian rows below ``gate_budget`` (the monitor's ``curation_budget`` pacing); it
+        applies where the gate has an estimate for the other rows (not with ``gate=False``).
         """
         n = x.shape[0]
         device = x.device
@@ -430,8 +435,9 @@ class ThresholdPolicy:
             lo, hi = self.jacobian_range
             undecided = undecided_rows(cheap, lo, hi, band_low, band_high)
             full = undecided
-            if self.gate_budget is not None:
-                full = nearest_rows(undecided, cheap + self.jacobian_center, self.threshold, self.gate_budget)
+            cap = min((c for c in (self.gate_budget, max_scored) if c is not None), default=None)
+            if cap is not None:
+                full = nearest_rows(undecided, cheap + self.jacobian_center, self.threshold, cap)
             estimated = int((undecided & ~full).sum())
         rows = full.nonzero().reshape(-1)
         # A rank-synchronous scorer (sharded training) must be called on every rank alike, even with no row.

@@ -204,16 +204,18 @@ class Scorer:
     def _chunk(self, x: torch.Tensor, side: Dict[str, Any]):
         rel_floor, abs_floor = self._floors()
 
-        def f(inp: torch.Tensor) -> torch.Tensor:
-            return self._embedding(inp, side)
+        def f(inp: torch.Tensor, **kw: Any) -> torch.Tensor:
+            return self._embedding(inp, kw)
 
         if self.method == "exact":
+            # Side inputs go as encoder_kwargs: replicated rows repeat them with the samples.
             z, g, d_dim = embedding_and_gram(f, x, input_module=self.input_module, vectorize=self._vectorize(x),
-                                             memory_budget=self.memory_budget, cache_key=self.encoder)
+                                             memory_budget=self.memory_budget, encoder_kwargs=side,
+                                             cache_key=self.encoder)
             s, floored = half_logdet(g, rel_floor=rel_floor, abs_floor=abs_floor)
             return z, s, floored, d_dim
-        return slq_chunk(f, x, input_module=self.input_module, rel_floor=rel_floor, abs_floor=abs_floor,
-                         **(self.approx_options or {}))
+        return slq_chunk(lambda inp: f(inp, **side), x, input_module=self.input_module, rel_floor=rel_floor,
+                         abs_floor=abs_floor, **(self.approx_options or {}))
 
     def _first_micro_batch(self, x: torch.Tensor, side: Dict[str, Any]) -> int:
         """Micro-batch size from one gradient-free forward pass of one sample (K and D are only known

@@ -95,13 +95,15 @@ class Recorder(pl.LightningModule):
         return torch.optim.SGD(self.head.parameters(), lr=1e-3)
 
 
-def run(policy, tmp_path, export=False):
+def run(policy, tmp_path, export=False, curation_budget=None):
+    # curation_budget=None: the decisions below are checked against the exact density row by row;
+    # the pacing (which decides some rows from an estimate) has its own test.
     a, x, junk, heldout = make_world()
     model = Recorder(a)
     monitor = JEPAScoreMonitor(
         encoder="encoder", heldout=heldout, heldout_max_samples=256, every_n_steps=10_000,
         input_key="x", id_key="id", incoming_every_n_steps=None, policy=policy, export=export,
-        num_images=0,
+        num_images=0, curation_budget=curation_budget,
     )
     trainer = pl.Trainer(
         max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
@@ -133,6 +135,26 @@ def test_drop_keeps_shifted_rows_out_of_training_step(tmp_path):
     rows = read_scores(monitor.export_file)
     dropped = (rows["split"] == "incoming") & (rows["kept"] == 0)
     assert sorted(int(i) for i in rows["sample_id"][dropped]) == (~seen).nonzero().reshape(-1).tolist()
+
+
+def test_paced_drop_still_keeps_shifted_rows_out(tmp_path):
+    """The monitor's default curation_budget: Jacobian rows per batch are paced, the rest decided from
+    the gate's estimate. The far-shifted rows are decided exactly by the gate (their prior alone puts
+    them below the threshold), so pacing must not let them in; only rows near the threshold may differ."""
+    policy = Drop(quantile=0.05)
+    model, monitor, a, x, junk = run(policy, tmp_path, curation_budget=0.25)
+    pacer = monitor.curation.pacer
+    assert pacer is not None and pacer.with_rows  # it measured batches with Jacobian rows
+    seen = torch.zeros(N_STREAM, dtype=torch.bool)
+    seen[torch.cat(model.seen_ids)] = True
+    assert (~seen[junk]).float().mean() >= 0.90
+    assert seen[~junk].float().mean() >= 0.85
+    truth = true_log_density(x, a)
+    far = (truth - policy.threshold).abs() > 5.0  # 5 nats from the threshold: no estimate is that wrong
+    assert far.sum() > N_STREAM // 2
+    assert torch.equal(seen[far], (truth >= policy.threshold)[far])
+    c = policy.counts
+    assert c["rows_scored"] + c["rows_gated"] + c["rows_estimated"] == c["rows_seen"] - (c["batches"] - c["active_batches"]) * BATCH
 
 
 def test_reweight_gives_shifted_rows_a_small_weight(tmp_path):

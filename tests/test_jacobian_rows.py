@@ -20,6 +20,7 @@ from jepa_monitor.jacobian import (
     _Rows,
     cached_vectorize_decisions,
     clear_vectorize_cache,
+    _replicator,
     differentiable_forward,
     embedding_and_gram,
     embedding_and_jacobian,
@@ -57,7 +58,7 @@ def _cnn() -> nn.Module:
 
 CASES = {
     "mlp": (_mlp, lambda: torch.randn(6, 48, generator=_gen(2))),
-    "cnn_bn_eval": (_cnn, lambda: torch.randn(5, 1, 8, 8, generator=_gen(3))),
+    "cnn_bn_eval": (_cnn, lambda: torch.randn(6, 1, 8, 8, generator=_gen(3))),
 }
 
 
@@ -78,24 +79,27 @@ def _loop_reference(model, x, **kw):
 
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("width", [3, 16])
-def test_batched_rows_equal_the_loop(case, width):
+@pytest.mark.parametrize("kind", ["batched", "replicated"])
+def test_batched_and_replicated_rows_equal_the_loop(case, width, kind):
     build, data = CASES[case]
     model, x = build(), data()
     z_ref, jac_ref, g_ref = _loop_reference(model, x)
     with scoring_context(model, x.device):
         leaf, z = differentiable_forward(model, x, output=None, pool="mean", input_module=None)
-        rows = _Rows(z, leaf, width)
+        replicated = _replicator(model, x, output=None, pool="mean", input_module=None, encoder_kwargs=None)
+        rows = _Rows(z, leaf, (kind, width), replicated)
         got = torch.empty_like(jac_ref)
         rows.fill(got, 0)
-        # Still batched: a silent fallback to the loop cannot make this pass.
-        assert rows.width == width
-        _, g, d = embedding_and_gram(model, x, vectorize=width)
+        # Still batched/replicated: a silent fallback to the loop cannot make this pass.
+        assert rows.mode == (kind, width)
+        _, g, d = embedding_and_gram(model, x, vectorize=width if kind == "batched" else kind)
     assert _rel(got, jac_ref) <= 1e-6
     assert _rel(g, g_ref) <= 1e-6
     assert d == jac_ref.shape[-1]
 
 
-@pytest.mark.parametrize("case,faster", [("mlp", "loop"), ("mlp", "batched"), ("cnn_bn_eval", "batched")])
+@pytest.mark.parametrize("case,faster", [("mlp", "loop"), ("mlp", "batched"), ("cnn_bn_eval", "batched"),
+                                         ("mlp", "replicated"), ("cnn_bn_eval", "replicated")])
 def test_auto_measures_once_keeps_the_rng_and_matches_the_loop(monkeypatch, case, faster):
     build, data = CASES[case]
     model, x = build(), data()
@@ -108,26 +112,36 @@ def test_auto_measures_once_keeps_the_rng_and_matches_the_loop(monkeypatch, case
         measured.append(out.shape)
         return original(self, out, k0)
 
-    # A fake clock: each timed call "takes" 1 s per row for the named winner, 10 s per row otherwise.
+    ran = []
+    original_run = _Rows._run
+
+    def recording(self, kind, width, out, k0):
+        ran.append(kind)
+        return original_run(self, kind, width, out, k0)
+
+    # A fake clock: each timed call "takes" 1 s per row for the named winner, 10 s per row otherwise
+    # (the loop is timed by a direct call, every other candidate through _Rows._run).
     def fake_timed(fn, device):
-        name = fn.__code__.co_names
-        batched = "_vjp_rows_batched" in name
+        before = len(ran)
         fn()
-        return 1.0 if batched == (faster == "batched") else 10.0
+        kind = ran[-1] if len(ran) > before else "loop"
+        return 1.0 if kind == faster else 10.0
 
     monkeypatch.setattr(_Rows, "_decide", counting)
+    monkeypatch.setattr(_Rows, "_run", recording)
     monkeypatch.setattr(jac_mod, "_timed", fake_timed)
     rng = torch.get_rng_state()
     with scoring_context(model, x.device):
         first = embedding_and_gram(model, x, vectorize="auto")
         second = embedding_and_gram(model, x, vectorize="auto")
-        embedding_and_gram(model, x[:2], vectorize="auto")  # another input shape: measured anew
+        embedding_and_gram(model, x[:-1], vectorize="auto")  # 5 rows, the size class of 6: decided already
+        embedding_and_gram(model, x[:2], vectorize="auto")  # another size class: measured anew
     assert torch.equal(torch.get_rng_state(), rng)
     assert len(measured) == 2
     decisions = cached_vectorize_decisions(model)
     k = g_ref.shape[-1]
-    expected = min(k, jac_mod.AUTO_WIDTH_CPU) if faster == "batched" else 0
-    assert decisions[(tuple(x.shape), k, "cpu", torch.float32)] == expected
+    expected = (faster, min(k, jac_mod.AUTO_WIDTH_CPU)) if faster != "loop" else ("loop", 0)
+    assert decisions[(jac_mod._size_class(x.shape[0]), tuple(x.shape[1:]), k, "cpu", torch.float32)] == expected
     for _, g, _ in (first, second):
         assert _rel(g, g_ref) <= 1e-6
 
@@ -190,11 +204,13 @@ def test_batching_error_falls_back_to_the_loop(vectorize):
     with scoring_context(model, x.device):
         _, g, _ = embedding_and_gram(model, x, vectorize=vectorize)
     assert _rel(g, g_ref) <= 1e-6
-    if vectorize == "auto":
-        assert list(cached_vectorize_decisions(model).values()) == [0]
+    if vectorize == "auto":  # never batched; replicated rows need no vmap rule and may win
+        assert [kind for kind, _ in cached_vectorize_decisions(model).values()] in (["loop"], ["replicated"])
 
 
-@pytest.mark.parametrize("case,vectorize", [("mlp", None), ("mlp", 4), ("cnn_bn_eval", None), ("k_gt_d", None), ("k_gt_d", 4)])
+@pytest.mark.parametrize("case,vectorize", [("mlp", None), ("mlp", 4), ("mlp", "replicated"), ("cnn_bn_eval", None),
+                                           ("cnn_bn_eval", "replicated"), ("k_gt_d", None), ("k_gt_d", 4),
+                                           ("k_gt_d", "replicated")])
 def test_memory_bounded_gram_equals_the_full_one(case, vectorize):
     if case == "k_gt_d":
         torch.manual_seed(7)
@@ -207,7 +223,7 @@ def test_memory_bounded_gram_equals_the_full_one(case, vectorize):
     n = min(k, d)
     # Room for about 3 rows of the micro-batch besides the Gram: several groups, recomputed rows.
     budget = b * n * n * 8 + 3 * _row_bytes(b, d)
-    plan = plan_rows(b, k, d, budget, width=vectorize or 0)
+    plan = plan_rows(b, k, d, budget, width=vectorize if isinstance(vectorize, int) else 0)
     assert full_jacobian_bytes(b, k, d) > budget
     if k <= d:
         assert plan.chunked and plan.groups >= 3
@@ -310,12 +326,15 @@ class OneMask(nn.Module):
         return self.model(t, attention_mask=self.mask)
 
 
-def test_encoder_kwargs_reach_the_encoder(brute_force):
+@pytest.mark.parametrize("vectorize", [None, "replicated"])
+def test_encoder_kwargs_reach_the_encoder(brute_force, vectorize):
     model = MaskedTokens().eval()
     x = torch.randn(3, 6, 4, generator=_gen(13))
     mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0]])
     with scoring_context(model, x.device):
-        z, g, d = embedding_and_gram(model, x, encoder_kwargs={"attention_mask": mask}, memory_budget=2000)
+        # replicated: the mask's rows are repeated with their samples (a wrong pairing fails below)
+        z, g, d = embedding_and_gram(model, x, encoder_kwargs={"attention_mask": mask}, memory_budget=2000,
+                                     vectorize=vectorize)
         _, jac = embedding_and_jacobian(model, x, encoder_kwargs={"attention_mask": mask})
     assert d == 24 and _rel(g, gram(jac)) <= 1e-6
     assert torch.allclose(z, model(x, attention_mask=mask), atol=1e-6)

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from jepa_monitor.callbacks._pacing import CurationPacer
 from jepa_monitor.callbacks._schedule import WARMUP_BATCHES, Schedule
 from test_callback import TinyModule, monitor, train_loader, trainer
 
@@ -20,17 +21,45 @@ def test_gap_keeps_evaluation_cost_within_the_budget():
     assert s.propose_gap(1e-9) == 1
 
 
-def test_curation_cost_is_taken_out_of_the_budget_first():
+def test_evaluations_are_a_share_of_the_wall_time_curation_included():
     s = Schedule(None, "auto", budget=0.2)
+    assert s.batch_seconds() is None
     for _ in range(WARMUP_BATCHES):
-        s.note_batch(0.10, 0.02)  # curation: 0.02 s of every 0.12 s batch
-    room = 0.2 * 0.12 - 0.02
-    assert s.propose_gap(1.0) == math.ceil(1.0 / room)
-    assert not s.curation_over_budget()
-    over = Schedule(None, "auto", budget=0.1, max_gap=777)
-    for _ in range(WARMUP_BATCHES):
-        over.note_batch(0.10, 0.05)  # curation alone is a third of the time
-    assert over.curation_over_budget() and over.propose_gap(1.0) == 777
+        s.note_batch(0.10, 0.02)  # curation (its own budget): 0.02 s of every 0.12 s batch
+    assert s.batch_seconds() == pytest.approx(0.10)
+    assert s.propose_gap(1.0) == math.ceil(1.0 / (0.2 * 0.12))
+
+
+def _paced_run(pacer, step, cost, batches, gate_budget=16):
+    """Simulated curation: a batch costs cost(rows) seconds; returns the rows of every batch."""
+    rows = []
+    for _ in range(batches):
+        cap = pacer.max_rows(step)
+        r = gate_budget if cap is None else min(cap, gate_budget)
+        pacer.spent(step, cost(r), r)
+        rows.append(r)
+    return rows
+
+
+def test_pacer_keeps_curation_within_its_share_of_the_training_batch():
+    # The demo's shape: 30 ms batches, 5 ms embedding forward, Jacobian rows 3 ms + 1.1 ms per row.
+    cost = lambda r: 0.005 + (0.003 + 0.0011 * r if r else 0.0)  # noqa: E731
+    pacer = CurationPacer(0.25)
+    rows = _paced_run(pacer, 0.030, cost, 400)
+    spent = sum(cost(r) for r in rows)
+    assert rows[0] == 16  # not paced before a batch with Jacobian rows was measured
+    assert spent <= 0.25 * 0.030 * 400 + 4 * 0.25 * 0.030 + cost(16)  # the share, the burst, the first batch
+    assert spent >= 0.9 * 0.25 * 0.030 * 400  # ... and the allowance is used, not wasted
+    assert 0 < sum(rows[50:]) / 350 < 16 and not pacer.over_budget()
+    fixed, per_row = pacer.row_cost()
+    assert fixed == pytest.approx(0.003, rel=1e-6) and per_row == pytest.approx(0.0011, rel=1e-6)
+    # A budget below the embedding's cost: no Jacobian rows after the first, and it says so.
+    poor = CurationPacer(0.05)
+    rows = _paced_run(poor, 0.030, cost, 100)
+    assert sum(rows[1:]) == 0 and poor.over_budget()
+    assert CurationPacer(0.25).max_rows(None) is None
+    with pytest.raises(ValueError, match="curation_budget"):
+        CurationPacer(0.0)
 
 
 def test_fixed_cadence_and_incoming_modes():

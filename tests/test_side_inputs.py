@@ -123,12 +123,15 @@ def _scorer(model: TinyBert, **options) -> Scorer:
 
 
 # ---------------------------------------------------------------------------------------- scoring
-def test_masked_token_scores_match_float64_reference_for_every_micro_batch_size():
+@pytest.mark.parametrize("vectorize", [None, "replicated"])
+def test_masked_token_scores_match_float64_reference_for_every_micro_batch_size(vectorize):
     model = _model()
     ids, mask = _batch()
     ref, ref_floored, pad_leak = brute_force_masked(model, ids, mask)
     assert pad_leak == 0.0  # the reference model really ignores padding
-    results = {bs: _scorer(model, batch_size=bs).score(ids, attention_mask=mask) for bs in (1, 3, None)}
+    # replicated: ids and mask repeated together through the embedding hook's leaf
+    results = {bs: _scorer(model, batch_size=bs, vectorize=vectorize).score(ids, attention_mask=mask)
+               for bs in (1, 3, None)}
     for bs, got in results.items():
         err = (got.jepa_score.double() - ref).abs().max().item()
         print(f"batch_size={bs}: max |scorer - float64 brute force| = {err:.2e} nats")
