@@ -7,6 +7,14 @@ call run the same passes on every rank: the ranks agree on the largest row count
 rows to it (repeating a filler row) and drops the padding from the result. Curation then scores
 on every rank at every active batch, even a rank whose own rows needed no Jacobian.
 
+The Jacobian rows must also come the same way on every rank: ``vectorize="auto"`` times the
+candidates on each rank's own clock and may pick differently (a straggling rank was measured to do
+so under FSDP2 on CPU), so a synchronous scorer takes replicated rows instead of "auto": a fixed
+count of passes for a given row count, and no graph retained across backward passes, which FSDP1
+(Lightning's ``FSDPStrategy``) needs: it frees the gathered parameters after a backward pass, and
+the row loop's second backward pass on the retained graph then fails. An explicit ``vectorize`` in
+``score_options`` is kept as given.
+
 DDP does not need this (parameters are replicated; scoring makes no collective call), so the
 monitor turns it on by default only for sharded strategies (``rank_synchronous="auto"``).
 """
@@ -34,6 +42,9 @@ class SynchronousScorer:
     synchronized = True
 
     def __init__(self, scorer: Any, world_size: int, filler: Tuple[torch.Tensor, Dict[str, torch.Tensor]]) -> None:
+        vectorize = getattr(scorer, "vectorize", 0)
+        if vectorize is None or vectorize is True or vectorize == "auto":
+            scorer = scorer.replace(vectorize="replicated")  # the same passes on every rank (module docstring)
         self.scorer, self.world_size = scorer, world_size
         self.filler_x, self.filler_side = filler  # one row (1, ...) and its side inputs
 

@@ -367,6 +367,11 @@ def cmd_report(args) -> int:
 def cmd_demo(args) -> int:
     from .demo.run import DemoConfig, DemoError, main as demo_main
 
+    if args.curation_budget.lower() != "none":
+        try:
+            float(args.curation_budget)
+        except ValueError:
+            raise CLIError(f"--curation-budget {args.curation_budget!r} is not a number or 'none'.") from None
     config = DemoConfig(
         logdir=args.logdir,
         steps=args.steps,
@@ -377,6 +382,7 @@ def cmd_demo(args) -> int:
         seed=args.seed,
         progress=not args.no_progress,
         threads=args.threads,
+        curation_budget=None if args.curation_budget.lower() == "none" else float(args.curation_budget),
     )
     try:
         demo_main(config)
@@ -412,6 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-compare", action="store_true", help="skip the second (unfiltered) run for the probe comparison")
     demo.add_argument("--seed", type=int, default=d.seed, help="seed of data, junk and model (default 0)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    demo.add_argument("--curation-budget", default=str(d.curation_budget),
+                      help=f"the monitor's curation_budget: time curating may add to a training batch, as a share "
+                           f"(default {d.curation_budget}); 'none' scores every row the policy's gate_budget allows")
     demo.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; on a busy machine 1 avoids threads spinning against other jobs)")
     demo.set_defaults(func=cmd_demo)
 

@@ -36,7 +36,10 @@ encoder (K = 16) exact scoring of every row costs 2.5-2.9 training steps, the de
 the default costs about 8 steps and exact 58. The cost floor of any Jacobian is K backward passes,
 so a handful of rows already costs most of a step on CPU; for less, ``score_key="log_prior"`` needs
 no Jacobian at all (0.13-0.17 step) and ``every_n_steps`` filters on a
-cadence. ``score_key="jepa_score"`` cannot be gated.
+cadence. ``score_key="jepa_score"`` cannot be gated. Inside the monitor, ``decide_batch`` also gets
+``max_scored``: the monitor's ``curation_budget`` (default 0.25 of a training batch) paces the
+Jacobian rows (``callbacks/_pacing.py``), and the rows it cannot pay for are decided from the
+estimate, as those beyond ``gate_budget`` are.
 
 The gate misses what it cannot see: junk whose embedding looks typical and whose Jacobian term
 alone is abnormally low. ``rows_outside_gate`` counts scored rows whose Jacobian term fell outside

@@ -72,10 +72,13 @@ class Scorer:
             ``memory_budget`` bytes. Out of memory halves it and retries.
         memory_budget: bytes one micro-batch's Jacobian rows and Gram may take (activations are not
             counted); when one sample's rows do not fit, rows are held in groups and recomputed.
-        vectorize: Jacobian rows per batched backward pass: an int, ``"auto"`` (time the row loop
-            against batched rows once per encoder and shape, keep the faster), 0 (the loop), or None:
-            ``"auto"`` on an accelerator and the loop on CPU, where batched rows measured 0.65–2.5×
-            the loop's speed depending on the model (BENCHMARKS.md, "Jacobian rows").
+        vectorize: how Jacobian rows are computed: 0 (the loop: one backward pass per row), an int
+            ``w`` (``w`` rows per vmapped backward pass), ``"replicated"`` (``w`` rows per forward +
+            backward pass over the samples repeated ``w`` times: plain batched kernels, no retained
+            graph), ``"auto"`` (time the three once per encoder, input shape and micro-batch size
+            class; keep the fastest), or None: ``"auto"`` on an accelerator and the loop on CPU,
+            where batched rows measured 0.65–2.5× the loop's speed depending on the model
+            (BENCHMARKS.md, "Jacobian rows") and replicated rows win only for a few rows at a time.
         approx_options: keyword options of the approximate method.
         mask_key: the side input that marks real (1) and padding (0) tokens for ``pool="mean"``.
         progress: show a progress bar (rows, rows/s) while scoring.

@@ -144,7 +144,7 @@ def test_paced_drop_still_keeps_shifted_rows_out(tmp_path):
     policy = Drop(quantile=0.05)
     model, monitor, a, x, junk = run(policy, tmp_path, curation_budget=0.25)
     pacer = monitor.curation.pacer
-    assert pacer is not None and pacer.with_rows  # it measured batches with Jacobian rows
+    assert pacer is not None and pacer.first  # it measured a batch with Jacobian rows
     seen = torch.zeros(N_STREAM, dtype=torch.bool)
     seen[torch.cat(model.seen_ids)] = True
     assert (~seen[junk]).float().mean() >= 0.90

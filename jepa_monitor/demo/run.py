@@ -45,6 +45,7 @@ class DemoConfig:
     seed: int = 0
     progress: bool = True
     threads: Optional[int] = None
+    curation_budget: Optional[float] = 0.25  # the monitor's default
 
 
 @dataclass
@@ -103,6 +104,7 @@ def train(
         input_key="x",
         id_key="id",
         policy=policy,
+        curation_budget=config.curation_budget,
         seed=config.seed,
     )
     torch.manual_seed(config.seed)
@@ -193,6 +195,8 @@ def run_demo(config: DemoConfig) -> DemoResult:
     """Both runs, the evaluation and the result (printing is :func:`format_summary`'s job)."""
     if config.steps < 1:
         raise DemoError(f"--steps must be at least 1; got {config.steps}.")
+    if config.curation_budget is not None and not config.curation_budget > 0:
+        raise DemoError(f"--curation-budget must be a positive share or 'none'; got {config.curation_budget}.")
     if config.batch_size < 2:
         raise DemoError(f"--batch-size must be at least 2 (SIGReg is a batch statistic); got {config.batch_size}.")
     device = resolve_device(config.device)
@@ -235,7 +239,7 @@ def format_summary(result: DemoResult) -> str:
     cfg = result.config
     lines = [
         f"jepa-monitor demo: {cfg.steps} steps x {cfg.batch_size} rows, "
-        f"novel class arrives at step {cfg.steps // 2}",
+        f"novel class arrives at step {cfg.steps // 2}, curation_budget={cfg.curation_budget}",
         "",
         "AUROC, clean test digits vs each kind (1.0 = perfectly separated, 0.5 = chance):",
         f"  {'kind':<12}" + "".join(f"{s:>13}" for s in EVAL_SCORES) + f"{'dropped':>10}{'rows':>9}",
