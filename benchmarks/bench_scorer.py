@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from jepa_monitor import score_samples
-from jepa_monitor.jacobian import cached_vectorize_decisions
+from jepa_monitor.jacobian import cached_vectorize_decisions, describe_mode
 
 IMAGE = (3, 32, 32)
 DEVICE = torch.device("cpu")  # set by --device
@@ -306,12 +306,15 @@ def _device_name() -> str:
 
 
 def rows_table(quick: bool, repeats: int) -> None:
-    """Loop vs batched Jacobian rows through ``score_samples``, one micro-batch (``batch_size=B``).
+    """Loop vs batched vs replicated Jacobian rows through ``score_samples``, one micro-batch
+    (``batch_size=B``).
 
     Candidates, interleaved in one process: ``vectorize=None`` (one backward per row), 16 and 64
-    rows per vmapped backward, and ``"auto"`` (measured once per model and shape in the warm-up
-    round, then cached; the choice is printed). Ratios are loop time / candidate time (> 1: faster
-    than the loop).
+    rows per vmapped backward, ``"replicated"`` (16 rows per forward + backward over the repeated
+    samples; 64 on a GPU) and ``"auto"`` (measured once per model and micro-batch size class in the
+    warm-up round, then cached; the choice is printed). Ratios are loop time / candidate time (> 1:
+    faster than the loop). The demo encoders are also run at B = 1 and 4: the curation gate scores
+    a few rows at a time.
     """
     from jepa_monitor.demo.model import DigitEncoder
 
@@ -324,13 +327,14 @@ def rows_table(quick: bool, repeats: int) -> None:
         return DemoSizedMLP().eval().to(DEVICE)
 
     full = 64 if quick else 128
-    cases = [("demo DigitEncoder", demo, (1, 8, 8), (16, full)), ("demo-sized MLP", demo_mlp, (1, 8, 8), (16, full))]
+    cases = [("demo DigitEncoder", demo, (1, 8, 8), (1, 4, 16, full)), ("demo-sized MLP", demo_mlp, (1, 8, 8), (1, 4, 16, full))]
     for name in MODELS:
         cases.append((f"{name} (K=64)", lambda name=name: build(name, 64), IMAGE, (16,) if quick else (16, 64)))
     print(f"\nLoop vs batched Jacobian rows ({_device_name()}, {torch.get_num_threads()} thread(s), one micro-batch, "
           f"median of {repeats} interleaved repeats; ratio = loop time / candidate time):")
-    print("| model | K | D | B | loop s | W=16 s | W=64 s | auto s (choice) | loop/W=16 | loop/W=64 | loop/auto | max rel diff |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | K | D | B | loop s | W=16 s | W=64 s | replicated s | auto s (choice) | loop/W=16 | loop/W=64 "
+          "| loop/replicated | loop/auto | max rel diff |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, make, shape, sizes in cases:
         for b in sizes:
             model, x = make(), batch(b, seed=3, shape=shape)
@@ -343,15 +347,17 @@ def rows_table(quick: bool, repeats: int) -> None:
             fns = {"loop": lambda: run("loop", None), "16": lambda: run("16", 16)}
             if k > 16:
                 fns["64"] = lambda: run("64", 64)
+            fns["replicated"] = lambda: run("replicated", "replicated")
             fns["auto"] = lambda: run("auto", "auto")
             t = interleaved(fns, repeats)
-            choice = ",".join("loop" if w == 0 else f"W={w}" for w in cached_vectorize_decisions(model).values()) or "?"
+            choice = ",".join(describe_mode(m) for m in cached_vectorize_decisions(model).values()) or "?"
             ref = scores["loop"].double()
             diff = max(float(((scores[c].double() - ref).abs() / ref.abs().clamp_min(1e-12)).max()) for c in fns)
             w64 = f"{t['64']:.4f}" if "64" in t else "-"
             r64 = f"{t['loop'] / t['64']:.2f}" if "64" in t else "-"
-            print(f"| {name} | {k} | {x[0].numel()} | {b} | {t['loop']:.4f} | {t['16']:.4f} | {w64} | {t['auto']:.4f} ({choice}) "
-                  f"| {t['loop'] / t['16']:.2f} | {r64} | {t['loop'] / t['auto']:.2f} | {diff:.1e} |", flush=True)
+            print(f"| {name} | {k} | {x[0].numel()} | {b} | {t['loop']:.4f} | {t['16']:.4f} | {w64} | {t['replicated']:.4f} "
+                  f"| {t['auto']:.4f} ({choice}) | {t['loop'] / t['16']:.2f} | {r64} | {t['loop'] / t['replicated']:.2f} "
+                  f"| {t['loop'] / t['auto']:.2f} | {diff:.1e} |", flush=True)
 
 
 def bounded_table(quick: bool, repeats: int) -> None:

@@ -64,7 +64,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from jepa_monitor import score_samples
-from jepa_monitor.jacobian import cached_vectorize_decisions, plan_rows
+from jepa_monitor.jacobian import cached_vectorize_decisions, describe_mode, plan_rows
 
 DEFAULT_BUDGET = 256 * 2**20  # score_samples' default memory_budget
 
@@ -206,7 +206,7 @@ def measured_header(out) -> None:
 
 def measured_row(r: dict, out) -> None:
     t, b = r["t"], r["b"]
-    auto = ",".join("loop" if w == 0 else f"W={w}" for w in r["auto"]) or "?"
+    auto = ",".join(describe_mode(m) for m in r["auto"]) or "?"
     slq = f"{t['slq'] / b:.3g}" if "slq" in t else "-"
     fastest = min(t["loop"], t["batched"], t["auto"]) / b
     print(f"| {NAMES[r['name']]} | {r['k']} | {r['d']} | {b} | {t['floor'] / b:.3g} | {t['loop'] / b:.3g} | "
@@ -389,8 +389,11 @@ def monitor_loop(args) -> None:
                 logged[key.split("/time/")[1]] = (value, step)
     history = [(h.get("batch"), h.get("split")) for h in monitor.history]
     without = statistics.mean([runs["without"]["wall"], runs["without again"]["wall"]])
+    # The fit-start burst: the held-out evaluation in on_fit_start and the incoming rows scored with it
+    # at batch 0 (inside the first batch hook), reported together as time/fit_start_seconds.
     burst = logged.get("fit_start_seconds", (float("nan"),))[0]
-    after = r["wall"] - seconds["fit_start"]
+    after = r["wall"] - burst
+    hooks_after = seconds["batches"] - (burst - seconds["fit_start"])
     print(f"\nEvaluations (batch, split): {history}")
     print("Last logged time/* metrics (value @ global step): "
           + ", ".join(f"{k} {v:.3g} @ {s}" for k, (v, s) in sorted(logged.items())))
@@ -398,13 +401,13 @@ def monitor_loop(args) -> None:
     print(f"heldout_gap: {'logged ' + str(gap) if gap is not None else 'never logged'}; planned gap "
           f"{monitor.schedule.gap} batches (next held-out evaluation at batch {monitor.schedule.next_heldout}, "
           f"run length {args.loop_steps})")
-    print("| fit without (s) | fit with (s) | fit_start_seconds | with − fit start (s) | overhead after fit start "
-          "| monitor's share at fit end | hooks' share after fit start (outside) | last logged share |")
+    print("| fit without (s) | fit with (s) | fit_start_seconds (burst) | with − burst (s) | overhead after the burst "
+          "| monitor's share at fit end | hooks' share after the burst (outside) | last logged share |")
     print("|---|---|---|---|---|---|---|---|")
     last_share = logged.get("share", (float("nan"), None))
     print(f"| {without:.1f} ({runs['without']['wall']:.1f}, {runs['without again']['wall']:.1f}) | {r['wall']:.1f} "
           f"| {burst:.1f} | {after:.1f} | {(after - without) / after:.3f} | "
-          f"{r['end'] if r['end'] is None else format(r['end'], '.3f')} | {seconds['batches'] / after:.3f} "
+          f"{r['end'] if r['end'] is None else format(r['end'], '.3f')} | {hooks_after / after:.3f} "
           f"| {last_share[0]:.3f} (step {last_share[1]}) |")
     print(f"(fit start inside the monitor's hook: {seconds['fit_start']:.1f} s; batch hooks: {seconds['batches']:.1f} s; "
           f"load average {os.getloadavg()[0]:.1f} / {os.getloadavg()[1]:.1f} at the end)")

@@ -24,6 +24,7 @@ class MonitorClock:
         self.burst = 0.0
         self.curation = 0.0
         self.running_since: Optional[float] = None  # an evaluation in progress counts as it runs
+        self.running_burst = False  # ... and belongs to the fit-start burst
         self._last: Optional[Tuple[float, float, float]] = None
 
     def add(self, seconds: float, curation: bool = False) -> None:
@@ -32,15 +33,20 @@ class MonitorClock:
         if curation:
             self.curation += seconds
 
-    def timed(self, kind: str, fn: Callable, *args: Any) -> None:
+    def timed(self, kind: str, fn: Callable, *args: Any, burst: bool = False) -> None:
+        """Run one evaluation ``fn(*args)``, timed; ``burst``: it belongs to the fit-start burst (the
+        first held-out evaluation and the incoming rows scored with it), left out of the share."""
         start = self.running_since = time.perf_counter()
+        self.running_burst = burst
         try:
             fn(*args)
         finally:
-            self.running_since = None
+            self.running_since, self.running_burst = None, False
             seconds = time.perf_counter() - start
             self.evaluation[kind] = seconds
             self.add(seconds)
+            if burst:
+                self.burst += seconds
 
     def _running(self) -> float:
         return time.perf_counter() - self.running_since if self.running_since is not None else 0.0
@@ -58,14 +64,19 @@ class MonitorClock:
         wall, run, curation = last
         return now - wall - (self.run - run), self.curation - curation
 
+    def burst_now(self) -> float:
+        """Seconds of the fit-start burst, the part of it still running included."""
+        return self.burst + (self._running() if self.running_burst else 0.0)
+
     def _wall(self) -> float:
-        return time.perf_counter() - self.t0 - self.burst if self.t0 is not None else 0.0
+        return time.perf_counter() - self.t0 - self.burst_now() if self.t0 is not None else 0.0
 
     def share(self) -> float:
         """Measurement seconds (everything but curation) over wall seconds since fit start, the
-        fit-start burst left out of both: what ``budget`` bounds."""
+        fit-start burst left out of both: what ``budget`` bounds (0 while only the burst has run)."""
         wall = self._wall()
-        return (self.run - self.curation + self._running() - self.burst) / wall if wall > 0 else 0.0
+        measured = self.run - self.curation + self._running() - self.burst_now()
+        return measured / wall if wall > 0 and measured > 0 else 0.0
 
     def curation_share(self) -> float:
         """Curation seconds over the same wall time: what ``curation_budget`` bounds (as a share of

@@ -322,8 +322,7 @@ class JEPAScoreMonitor(Callback):
         for writer in self.report.writers(trainer):
             writer.add_custom_scalars(mon.custom_scalars_layout(self.keys, self.components, self.policy is not None))
         if not self.disabled and self.tracker.anchor is None:
-            self._heldout_evaluation(trainer, pl_module, "heldout", strict=True)
-            self.clock.burst = self.clock.evaluation["heldout"]
+            self._heldout_evaluation(trainer, pl_module, "heldout", strict=True, burst=True)
         elif self.tracker.anchor is not None:  # resumed: only check that the configuration still scores
             try:
                 x, side = self._data.rows(torch.arange(min(2, self._data.num_rows)), pl_module.device)
@@ -345,9 +344,8 @@ class JEPAScoreMonitor(Callback):
         if self.curation is not None and self.tracker.latest_batch != b and self.policy.needs_refresh(b):
             self._heldout_evaluation(trainer, pl_module, "heldout", strict=False)
         if self.schedule.incoming_due(b, self.tracker.latest_batch) and not self.disabled:
-            self._incoming_evaluation(trainer, pl_module, batch)
-            if b == 0 and timed is None:  # scored with the fit-start evaluation: part of its burst
-                self.clock.burst += self.clock.evaluation["incoming"]
+            # Scored with the fit-start evaluation (same weights): part of its burst.
+            self._incoming_evaluation(trainer, pl_module, batch, burst=b == 0 and timed is None)
         if self.curation is not None and not self.curation.failures.disabled and not self.disabled:
             result = self.curation.curate(self.scorer(pl_module), batch, batch_index=b, step=trainer.global_step,
                                           trust=self._trust, step_seconds=self.schedule.batch_seconds())
@@ -411,11 +409,11 @@ class JEPAScoreMonitor(Callback):
         self.failures.succeeded()
         return mon.Measurement.unpack(gathered, seconds)
 
-    def _heldout_evaluation(self, trainer: Any, pl_module: Any, split: str, strict: bool) -> None:
-        self.clock.timed(split, self._score_heldout, trainer, pl_module, split, strict)
+    def _heldout_evaluation(self, trainer: Any, pl_module: Any, split: str, strict: bool, burst: bool = False) -> None:
+        self.clock.timed(split, self._score_heldout, trainer, pl_module, split, strict, burst=burst)
 
-    def _incoming_evaluation(self, trainer: Any, pl_module: Any, batch: Any) -> None:
-        self.clock.timed("incoming", self._score_incoming, trainer, pl_module, batch)
+    def _incoming_evaluation(self, trainer: Any, pl_module: Any, batch: Any, burst: bool = False) -> None:
+        self.clock.timed("incoming", self._score_incoming, trainer, pl_module, batch, burst=burst)
 
     def _score_heldout(self, trainer: Any, pl_module: Any, split: str, strict: bool) -> None:
         data, k = self._data, self.keys
@@ -531,7 +529,7 @@ class JEPAScoreMonitor(Callback):
                                   "embedding forward pass, or a policy with gate=False). Use a cheaper policy "
                                   "(score_key='log_prior', every_n_steps) or a larger curation_budget.")
         metrics = {k.time("score_seconds"): seconds, k.time("total_score_seconds"): self.clock.total_now(),
-                   k.time("share"): self.clock.share(), k.time("fit_start_seconds"): self.clock.burst,
+                   k.time("share"): self.clock.share(), k.time("fit_start_seconds"): self.clock.burst_now(),
                    k("monitor", "failures_total"): float(self.failures.total)}
         if self.budget is not None:
             metrics[k.time("budget")] = self.budget

@@ -254,6 +254,12 @@ def cached_vectorize_decisions(encoder: Any) -> Dict[tuple, "Mode"]:
     return {k[1:]: v for k, v in found.items()}
 
 
+def describe_mode(mode: "Mode") -> str:
+    """``("loop", 0)`` -> "loop", ``("batched", 16)`` -> "batched 16", ``("replicated", 16)`` -> "replicated 16"."""
+    kind, width = mode
+    return kind if kind == "loop" else f"{kind} {width}"
+
+
 def clear_vectorize_cache() -> None:
     """Forget every ``vectorize="auto"`` decision (the next micro-batch measures again)."""
     _AUTO_DECISIONS.clear()

@@ -224,9 +224,16 @@ def test_csv_and_tensorboard_get_every_documented_key(tmp_path):
     expected |= {"jepa/time/score_seconds", "jepa/time/total_score_seconds", "jepa/time/share",
                  "jepa/monitor/failures_total"}
     assert expected <= keys
-    share = [float(r["jepa/time/share"]) for r in csv_metrics(csvl) if r.get("jepa/time/share")]
-    # The fit-start evaluation is a burst outside the share: the share starts at 0, then counts.
+    rows = [r for r in csv_metrics(csvl) if r.get("jepa/time/share")]
+    share = [float(r["jepa/time/share"]) for r in rows]
+    # The fit-start evaluation and the incoming rows scored with it are a burst outside the share:
+    # the share logged at step 0 (inside that burst) is 0, then counts.
+    assert [s for r, s in zip(rows, share) if r["step"] == "0"] and all(
+        s == 0.0 for r, s in zip(rows, share) if r["step"] == "0")
     assert all(0 <= s < 1 for s in share) and share[-1] > 0
+    fit_start = [float(r["jepa/time/fit_start_seconds"]) for r in rows]
+    assert fit_start[-1] == pytest.approx(cb.clock.burst) and fit_start[-1] >= max(fit_start)
+    assert cb.clock.burst >= cb.clock.evaluation["incoming"] > 0  # the incoming rows at batch 0 belong to it
     ea = tb_tags(tb.log_dir)
     tags = ea.Tags()
     assert {f"jepa/hist/{s}/{c}" for s in ("heldout", "incoming") for c in comps} <= set(tags["histograms"])
