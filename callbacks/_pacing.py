@@ -10,9 +10,9 @@ Credit is capped at ``burst`` batches' allowance. A batch that would find the cr
 it gets the Jacobian rows the whole credit pays for beyond its embedding (at least one, at most the
 policy's own ``gate_budget``); the other batches get none, and their undecided rows are decided from
 the gate's estimate (counted by the policy as ``rows_estimated``). Saving up is cheaper than
-spreading: K backward passes cost the same for 1 row as for a few (measured on the demo encoder, 16
-rows cost 2.5× what 1 row costs, not 16×), and a spending batch adds at most ``burst·share`` of a
-training batch. The fit is robust to one-off costs: the first batch at each row count (which may pay
+spreading: K backward passes cost nearly as much for 1 row as for many (on the demo encoder with the
+row loop, 16 rows cost 2.1× what 1 row costs, not 16×: ``bench_scorer.py --rows --quick``), and a
+spending batch adds at most ``burst·share`` of a training batch. The fit is robust to one-off costs: the first batch at each row count (which may pay
 for the scorer's ``vectorize="auto"`` timing or first allocations) is left out once that count has
 been seen again, and each row count enters the fit by its median. A batch is charged the modelled
 cost (median embedding cost + fitted row cost), not its raw seconds: a batch slowed by something

@@ -58,6 +58,7 @@ class DemoResult:
     config: DemoConfig
     counts: Dict[str, int] = field(default_factory=dict)
     alerts: List[str] = field(default_factory=list)
+    policy_counts: Dict[str, float] = field(default_factory=dict)
 
 
 def resolve_device(device: str) -> str:
@@ -231,7 +232,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
     seconds["total"] = time.perf_counter() - t0
     counts = {name: int((stream.kinds == i).sum()) for i, name in enumerate(KINDS)}
     return DemoResult(auroc, dropped, probe, seconds, str(Path(config.logdir) / "digits"), config, counts,
-                      group_alerts(alerts))
+                      group_alerts(alerts), dict(policy.counts) if policy is not None else {})
 
 
 def format_summary(result: DemoResult) -> str:
@@ -257,6 +258,12 @@ def format_summary(result: DemoResult) -> str:
     )
     if not cfg.filter:
         lines.append("  (no policy: --no-filter; 'dropped' is 0 by construction)")
+    c = result.policy_counts
+    if c.get("rows_seen"):
+        lines.append(f"  Decided rows: {int(c['rows_scored'])} with their Jacobian, {int(c['rows_gated'])} exactly from the "
+                     f"embedding, {int(c['rows_estimated'])} from an estimate (curation_budget={cfg.curation_budget}); "
+                     f"{int(c['rows_seen'] - c['rows_scored'] - c['rows_gated'] - c['rows_estimated'])} while the "
+                     "policy was inactive (warm-up)")
     lines += ["", "Linear-probe accuracy on clean test digits (ridge on frozen features):"]
     for version, acc in result.probe.items():
         lines.append(f"  {version:<12}{acc:>8.3f}")
