@@ -9,7 +9,15 @@ batches between evaluations, where E is the measured cost of one evaluation, s t
 of a training batch without the monitor and c the median per-batch curation cost (a policy decides
 every batch; its cost has its own share, ``curation_budget``, paced in ``_pacing.py``, and is part
 of the wall time the evaluations are a share of). The first evaluation, at fit start, is a burst
-outside the budget (reported as ``time/fit_start_seconds``). No Lightning import: plain numbers.
+outside the budget (reported as ``time/fit_start_seconds``).
+
+How many rows: an evaluation of a large encoder can cost so much that the gap would leave the run
+nearly unobserved (ViT-B at 224 px on one GPU: a minute or more for 128 held-out rows). When the
+gap at the configured rows (``heldout_max_samples``, ``incoming_max_rows``) exceeds
+:data:`TARGET_GAP` batches, the rows are scaled down in proportion (the cost is taken as
+proportional to the rows, which the Jacobian dominates), to no fewer than :data:`MIN_HELDOUT_ROWS`
+and :data:`MIN_INCOMING_ROWS`; only then does the gap grow past the target. The next evaluation's
+measured cost corrects the plan. No Lightning import: plain numbers.
 """
 
 from __future__ import annotations
@@ -17,10 +25,16 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 #: Training batches timed before the first budget plan.
 WARMUP_BATCHES = 5
+#: Batches between held-out evaluations beyond which the budget scores fewer rows first.
+TARGET_GAP = 1000
+#: Fewest held-out rows the budget scores (the policies' gate needs 64 reference rows; a KS
+#: statistic on fewer is coarse), and fewest incoming rows.
+MIN_HELDOUT_ROWS = 64
+MIN_INCOMING_ROWS = 8
 
 
 class Schedule:
@@ -37,6 +51,7 @@ class Schedule:
         self.budget, self.max_gap = budget, max_gap
         self.next_heldout: Optional[int] = None  # budget mode: the batch of the next evaluation
         self.gap: Optional[int] = None
+        self.rows: Optional[Tuple[int, int]] = None  # budget mode: (held-out, incoming) rows planned
         self.step_seconds: deque = deque(maxlen=50)
         self.curation_seconds: deque = deque(maxlen=50)
 
@@ -74,6 +89,23 @@ class Schedule:
         if room <= 0:
             return self.max_gap
         return int(min(self.max_gap, max(1, math.ceil(evaluation_seconds / room))))
+
+    def propose_rows(self, heldout: Tuple[float, int], incoming: Tuple[float, int],
+                     max_rows: Tuple[int, int]) -> Optional[Tuple[int, int]]:
+        """(held-out rows, incoming rows) for the next evaluations from the latest measured
+        (seconds, rows) of each and the configured maxima: the maxima when their gap is within
+        :data:`TARGET_GAP`, else scaled down to fit it (not below the minima). None before any
+        batch was timed."""
+        if not self.step_seconds:
+            return None
+        room = self.budget * (statistics.median(self.step_seconds) + statistics.median(self.curation_seconds))
+        per_row = [t / r if r > 0 else 0.0 for t, r in (heldout, incoming)]
+        full = per_row[0] * max_rows[0] + per_row[1] * max_rows[1]
+        if room <= 0 or full <= TARGET_GAP * room:
+            return max_rows
+        scale = TARGET_GAP * room / full
+        floors = (MIN_HELDOUT_ROWS, MIN_INCOMING_ROWS)
+        return tuple(max(min(lo, m), int(m * scale)) for m, lo in zip(max_rows, floors))  # type: ignore[return-value]
 
     def batch_seconds(self) -> Optional[float]:
         """Median wall time of a training batch without the monitor; None before one is timed."""

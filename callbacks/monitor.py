@@ -87,7 +87,9 @@ class JEPAScoreMonitor(Callback):
       ``budget`` bounds; ``curation_share`` — curation's seconds over the same wall time;
       ``fit_start_seconds`` — that first evaluation (a burst outside the budget); ``budget``,
       ``curation_budget``; ``heldout_gap`` — batches between held-out evaluations chosen by the
-      budget; ``<name>/monitor/failures_total``.
+      budget; ``heldout_rows``, ``incoming_rows`` — rows the budget lets the next evaluations score
+      (the configured maxima unless that would space evaluations more than 1000 batches apart);
+      ``<name>/monitor/failures_total``.
     - With a ``policy``, every ``trainer.log_every_n_steps`` batches: ``<name>/policy/fraction_dropped``,
       ``mean_weight``, ``batch_weight``, ``active`` (current batch) and ``<name>/policy/<counter>_total`` for
       every counter of the policy (rows seen, dropped, not applied, scored by Jacobian, decided by
@@ -121,12 +123,13 @@ class JEPAScoreMonitor(Callback):
         encoder_kwargs_keys: side inputs of the encoder, e.g. ``{"attention_mask": "attention_mask"}``
             (keyword -> where it sits in a batch; a list of keys means the same names): sliced with
             the scored rows and passed as ``encoder(x, **side)``; ``attention_mask`` also masks mean pooling.
-        heldout_max_samples: held-out rows scored with the Jacobian.
+        heldout_max_samples: held-out rows scored with the Jacobian (at most; with a ``budget``, fewer,
+            down to 64, when an evaluation of all of them would come less often than every 1000 batches).
         trust_samples: held-out rows embedded (one forward pass) for the trust diagnostics;
             ``"auto"``: 4·K (at most 4096), as far as the held-out set allows.
         incoming_every_n_steps: ``"auto"`` (after each held-out evaluation), every this many batches,
             or None (off).
-        incoming_max_rows: rows of the training batch scored.
+        incoming_max_rows: rows of the training batch scored (at most; the budget may take fewer, down to 8).
         components: components logged. score_options: fields of :class:`jepa_monitor.Scorer`
             (``input_module`` may be a dotted path on the LightningModule).
         policy: a curation policy (:mod:`jepa_monitor.policies`, or any :class:`~jepa_monitor.policies.Policy`).
@@ -212,6 +215,7 @@ class JEPAScoreMonitor(Callback):
         self._batches = 0
         self._history: List[Dict[str, Any]] = []
         self._trust: Optional[float] = None
+        self._scored_rows = {"heldout": 0, "incoming": 0}  # rows of the latest evaluation of each
         self._generator = torch.Generator().manual_seed(seed)
         # per process
         self._data: Optional[HeldoutSet] = None
@@ -254,7 +258,8 @@ class JEPAScoreMonitor(Callback):
         state = dict(version=2, batches=self._batches, trust=self._trust, history=list(self._history),
                      generator=self._generator.get_state(), failures=self.failures.state_dict(),
                      tracker=self.tracker.state_dict(), clock=self.clock.state_dict(),
-                     schedule={"next_heldout": self.schedule.next_heldout, "gap": self.schedule.gap},
+                     schedule={"next_heldout": self.schedule.next_heldout, "gap": self.schedule.gap,
+                               "rows": self.schedule.rows},
                      alerts=dict(self.tracker.alerts))
         if self.curation is not None:
             state["policy"] = self.policy.state_dict()
@@ -267,6 +272,8 @@ class JEPAScoreMonitor(Callback):
         self.clock.load_state_dict(state_dict["clock"])
         self.tracker.load_state_dict(state_dict["tracker"])
         self.schedule.next_heldout, self.schedule.gap = state_dict["schedule"]["next_heldout"], state_dict["schedule"]["gap"]
+        rows = state_dict["schedule"].get("rows")
+        self.schedule.rows = tuple(rows) if rows else None
         self._generator.set_state(state_dict["generator"])
         self.failures.load_state_dict(state_dict["failures"])
         if self.curation is not None and "policy" in state_dict:
@@ -417,7 +424,8 @@ class JEPAScoreMonitor(Callback):
 
     def _score_heldout(self, trainer: Any, pl_module: Any, split: str, strict: bool) -> None:
         data, k = self._data, self.keys
-        n = min(self.heldout_max_samples, data.num_rows)
+        n = min(self.schedule.rows[0] if self.schedule.rows else self.heldout_max_samples, data.num_rows)
+        self._scored_rows["heldout"] = n
         index = torch.arange(trainer.global_rank, n, trainer.world_size)
 
         def compute() -> torch.Tensor:
@@ -482,8 +490,10 @@ class JEPAScoreMonitor(Callback):
             x = get_input(batch, self.input_key)
             n = x.shape[0]
             rows = torch.arange(n)
-            if n > self.incoming_max_rows:
-                rows = torch.randperm(n, generator=self._generator)[: self.incoming_max_rows].sort().values
+            limit = self.schedule.rows[1] if self.schedule.rows else self.incoming_max_rows
+            if n > limit:
+                rows = torch.randperm(n, generator=self._generator)[:limit].sort().values
+            self._scored_rows["incoming"] = int(rows.numel())
             ids = get_ids(batch, self.id_key, n)
             picked["ids"] = [ids[i] for i in rows.tolist()] if ids is not None else None
             s = self.scorer(pl_module).score(x[rows.to(x.device)], **side_inputs(batch, self.side_keys, rows))
@@ -510,15 +520,28 @@ class JEPAScoreMonitor(Callback):
 
     # ------------------------------------------------------------------ time
     def _plan(self, trainer: Any) -> None:
-        """Space the next held-out evaluation so the monitor stays within its budget; the ranks agree
-        on the largest gap (an evaluation is a collective: every rank must run it at the same batch)."""
-        cost = self.clock.evaluation["heldout"] + (self.clock.evaluation["incoming"] if self.incoming_every_n_steps else 0.0)
+        """Choose the rows of the next evaluations and space them so the monitor stays within its
+        budget (``callbacks/_schedule.py``); the ranks agree on the fewest rows and the largest gap
+        (an evaluation is a collective: every rank must run it at the same batch, on the same rows)."""
+        incoming_on = self.incoming_every_n_steps is not None
+        measured = [(self.clock.evaluation["heldout"], self._scored_rows["heldout"]),
+                    (self.clock.evaluation["incoming"] if incoming_on else 0.0, self._scored_rows["incoming"])]
+        maxima = (min(self.heldout_max_samples, self._data.num_rows) if self._data is not None else self.heldout_max_samples,
+                  self.incoming_max_rows)
+        proposals = [p for p in gather_objects(self.schedule.propose_rows(*measured, maxima), trainer.world_size) if p]
+        if proposals:
+            self.schedule.rows = (min(p[0] for p in proposals), min(p[1] for p in proposals))
+        rows = self.schedule.rows or maxima
+        # The cost at the planned rows: the measured one, in proportion to the rows (the Jacobian dominates).
+        cost = sum(t * r / max(1, n) for (t, n), r in zip(measured, rows))
         gaps = [g for g in gather_objects(self.schedule.propose_gap(cost), trainer.world_size) if g is not None]
         if gaps:
             self.schedule.plan(self.tracker.latest_batch, max(gaps))
             with self.report.guard("schedule", self._batches):
                 self.report.log(trainer, {self.keys.time("heldout_gap"): float(self.schedule.gap),
-                                          self.keys.time("budget"): float(self.budget)})
+                                          self.keys.time("budget"): float(self.budget),
+                                          self.keys.time("heldout_rows"): float(rows[0]),
+                                          self.keys.time("incoming_rows"): float(rows[1])})
 
     def _time_metrics(self, seconds: float) -> Dict[str, float]:
         k = self.keys

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from jepa_monitor.callbacks._pacing import CurationPacer
-from jepa_monitor.callbacks._schedule import WARMUP_BATCHES, Schedule
+from jepa_monitor.callbacks._schedule import MIN_HELDOUT_ROWS, MIN_INCOMING_ROWS, TARGET_GAP, WARMUP_BATCHES, Schedule
 from test_callback import TinyModule, monitor, train_loader, trainer
 
 
@@ -28,6 +28,36 @@ def test_evaluations_are_a_share_of_the_wall_time_curation_included():
         s.note_batch(0.10, 0.02)  # curation (its own budget): 0.02 s of every 0.12 s batch
     assert s.batch_seconds() == pytest.approx(0.10)
     assert s.propose_gap(1.0) == math.ceil(1.0 / (0.2 * 0.12))
+
+
+def test_rows_shrink_before_the_gap_grows_past_the_target():
+    s = Schedule(None, "auto", budget=0.05)
+    assert s.propose_rows((2.0, 128), (0.2, 16), (128, 16)) is None  # nothing timed yet
+    for _ in range(WARMUP_BATCHES):
+        s.note_batch(0.10, 0.0)  # room: 0.005 s of evaluation per batch, 5 s per TARGET_GAP batches
+    assert TARGET_GAP * 0.005 == pytest.approx(5.0)
+    assert s.propose_rows((2.0, 128), (0.2, 16), (128, 16)) == (128, 16)  # 2.2 s: within the target
+    # 6.05 s at full rows: scaled by 5 / 6.05 (the cost measured at 64 held-out rows, per row)
+    assert s.propose_rows((2.75, 64), (0.55, 16), (128, 16)) == (int(128 * 5 / 6.05), int(16 * 5 / 6.05))
+    assert s.propose_rows((20.0, 128), (2.0, 16), (128, 16)) == (MIN_HELDOUT_ROWS, MIN_INCOMING_ROWS)
+    assert s.propose_rows((20.0, 50), (2.0, 4), (50, 4)) == (50, 4)  # maxima below the floors: kept
+    assert s.propose_rows((8.0, 128), (0.0, 0), (128, 16)) == (80, 10)  # no incoming evaluations: held-out alone
+
+
+def test_monitor_scores_fewer_rows_when_evaluations_would_be_rare(tmp_path):
+    from test_callback import heldout_loader
+
+    torch.manual_seed(0)
+    cb = monitor(every_n_steps=None, budget=1e-6, heldout=heldout_loader(n=200), incoming_every_n_steps="auto",
+                 incoming_max_rows=16)
+    trainer(tmp_path, [cb], max_epochs=2).fit(TinyModule(), train_loader())
+    assert cb.schedule.rows == (MIN_HELDOUT_ROWS, MIN_INCOMING_ROWS)  # down from (128, 16)
+    assert cb._scored_rows["heldout"] == 128  # the fit-start evaluation scored the configured rows
+    state = cb.state_dict()["schedule"]
+    assert tuple(state["rows"]) == cb.schedule.rows
+    resumed = monitor(every_n_steps=None, budget=1e-6)
+    resumed.load_state_dict(cb.state_dict())
+    assert resumed.schedule.rows == cb.schedule.rows
 
 
 def _paced_run(pacer, step, cost, batches, gate_budget=16):
