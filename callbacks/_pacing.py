@@ -14,10 +14,11 @@ spreading: K backward passes cost nearly as much for 1 row as for many (on the d
 row loop, 16 rows cost 2.1× what 1 row costs, not 16×: ``bench_scorer.py --rows --quick``), and a
 spending batch adds at most ``burst·share`` of a training batch. The fit is robust to one-off costs: the first batch at each row count (which may pay
 for the scorer's ``vectorize="auto"`` timing or first allocations) is left out once that count has
-been seen again, and each row count enters the fit by its median. A batch is charged the modelled
-cost (median embedding cost + fitted row cost), not its raw seconds: a batch slowed by something
-else on the machine must not stop the Jacobian for hundreds of batches; the measured seconds are
-still what ``over_budget`` and the monitor's ``time/curation_share`` report. No Lightning import.
+been seen again, and each row count enters the fit by its median. A batch is charged its measured
+seconds, but at most :data:`SPIKE` times its modelled cost (median embedding cost + fitted row cost):
+a batch slowed by something else on the machine must not stop the Jacobian for hundreds of batches,
+while the ordinary spread of costs (whose mean exceeds the median) is still paid in full. No
+Lightning import.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from typing import Dict, Optional, Tuple
 
 #: Decided batches of (rows, seconds) the cost fit remembers.
 WINDOW = 32
+#: A batch is charged at most this many times its modelled cost.
+SPIKE = 3.0
 
 
 class CurationPacer:
@@ -91,7 +94,7 @@ class CurationPacer:
         charged = seconds
         if self.base_samples:
             fixed, per_row = self.row_cost() if self.first else (0.0, 0.0)
-            charged = self.base + (fixed + per_row * rows if rows else 0.0)
+            charged = min(seconds, SPIKE * (self.base + (fixed + per_row * rows if rows else 0.0)))
         self.credit = min(self.credit + allowance - charged, self.burst * allowance)
         self.earned_total += allowance
         self.spent_total += seconds

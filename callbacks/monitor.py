@@ -114,7 +114,7 @@ class JEPAScoreMonitor(Callback):
         budget: the share of training wall time the monitor's measurements may spend (scoring,
             trust, logging, export); None: no budget (then ``every_n_steps`` is needed).
         curation_budget: with a ``policy``, the time curating a batch may add, as a share of a
-            training batch's own time, on average (0.25: at most a quarter more). The policy's
+            training batch's own time, on average (0.2: at most a fifth more). The policy's
             Jacobian rows per batch are paced to it (``callbacks/_pacing.py``); rows it cannot pay for
             are decided from the gate's estimate (``rows_estimated``). The embedding forward pass is
             paid in any case. None: no pacing (the policy's ``gate_budget`` alone caps the rows).
@@ -152,7 +152,7 @@ class JEPAScoreMonitor(Callback):
         *,
         every_n_steps: Optional[int] = None,
         budget: Optional[float] = 0.05,
-        curation_budget: Optional[float] = 0.25,
+        curation_budget: Optional[float] = 0.2,
         input_key: Key = 0,
         id_key: Key = None,
         encoder_kwargs_keys: Union[Mapping[str, Key], Sequence[str], None] = None,

@@ -9,25 +9,44 @@ precision; and any random draw or DataLoader iterator consumes the training run'
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+import functools
+from typing import Iterator, List
 
 import torch
 from torch import nn
 
 
+def _modules_of(encoder: object, depth: int = 0) -> List[nn.Module]:
+    """The modules an encoder callable runs: the module itself, a bound method's owner
+    (``model.encode``), and the modules a closure or ``functools.partial`` holds
+    (``lambda x: model.backbone(x)[:, 0]``), followed two levels deep."""
+    if isinstance(encoder, nn.Module):
+        return [encoder]
+    owner = getattr(encoder, "__self__", None)
+    if isinstance(owner, nn.Module):
+        return [owner]
+    if depth >= 2:
+        return []
+    found: List[nn.Module] = []
+    if isinstance(encoder, functools.partial):
+        for part in (encoder.func, *encoder.args, *encoder.keywords.values()):
+            found += _modules_of(part, depth + 1)
+    for cell in getattr(encoder, "__closure__", None) or ():
+        try:
+            found += _modules_of(cell.cell_contents, depth + 1)
+        except ValueError:  # an empty cell
+            continue
+    return found
+
+
 @contextlib.contextmanager
-def _eval_mode(module: object) -> Iterator[None]:
-    # A bound method (``model.encode``) is as common an encoder as the module itself.
-    owner = getattr(module, "__self__", None)
-    if not isinstance(module, nn.Module) and isinstance(owner, nn.Module):
-        module = owner
-    if not isinstance(module, nn.Module):
-        yield
-        return
+def _eval_mode(encoder: object) -> Iterator[None]:
+    modules = {id(m): m for m in _modules_of(encoder)}.values()
     # Remember each submodule's own flag: a model may deliberately keep parts in eval mode
     # (frozen teacher, frozen BatchNorm) and must get back exactly what it had.
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
+    modes = [(m, m.training) for module in modules for m in module.modules()]
+    for module in modules:
+        module.eval()
     try:
         yield
     finally:

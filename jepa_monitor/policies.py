@@ -37,7 +37,7 @@ the default costs about 8 steps and exact 58. The cost floor of any Jacobian is 
 so a handful of rows already costs most of a step on CPU; for less, ``score_key="log_prior"`` needs
 no Jacobian at all (0.13-0.17 step) and ``every_n_steps`` filters on a
 cadence. ``score_key="jepa_score"`` cannot be gated. Inside the monitor, ``decide_batch`` also gets
-``max_scored``: the monitor's ``curation_budget`` (default 0.25 of a training batch) paces the
+``max_scored``: the monitor's ``curation_budget`` (default 0.2 of a training batch) paces the
 Jacobian rows (``callbacks/_pacing.py``), and the rows it cannot pay for are decided from the
 estimate, as those beyond ``gate_budget`` are.
 

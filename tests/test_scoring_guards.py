@@ -111,6 +111,29 @@ def test_bound_method_encoder_is_scored_in_eval_mode():
     assert torch.equal(got.jepa_score, score_samples(model, x).jepa_score)
 
 
+@pytest.mark.parametrize("kind", ["closure", "nested closure", "partial"])
+def test_closures_and_partials_are_scored_in_eval_mode(kind):
+    """``lambda x: model(x)`` hides the module from an isinstance check: without looking into the
+    closure, train-mode BatchNorm (batch statistics couple the rows) and dropout would be scored."""
+    import functools
+
+    model = _model()
+    x = torch.randn(5, 12, generator=_gen(6))
+    if kind == "closure":
+        encoder = lambda v: model(v)  # noqa: E731
+    elif kind == "nested closure":
+        def make(m):
+            inner = lambda v: m(v)  # noqa: E731
+            return lambda v: inner(v)
+        encoder = make(model)
+    else:
+        encoder = functools.partial(lambda m, v: m(v), model)
+    before = _snapshot(model)
+    got = score_samples(encoder, x)
+    _assert_same(before, _snapshot(model))  # modes restored (a frozen sub-block stays frozen), nothing else touched
+    assert torch.equal(got.jepa_score, score_samples(model, x).jepa_score)
+
+
 @pytest.mark.parametrize("ambient", ["inference_mode", "no_grad"])
 def test_correct_inside_inference_mode_and_no_grad(ambient):
     model = _model()

@@ -45,7 +45,7 @@ class DemoConfig:
     seed: int = 0
     progress: bool = True
     threads: Optional[int] = None
-    curation_budget: Optional[float] = 0.25  # the monitor's default
+    curation_budget: Optional[float] = 0.2  # the monitor's default
 
 
 @dataclass
