@@ -59,7 +59,7 @@ def test_demo_smoke(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_demo_full_run_catches_junk(tmp_path):
-    # Unpaced: the default curation_budget=0.25 drops 18-26 % of the junk depending on the machine's
+    # Unpaced: the default curation_budget=0.2 drops about a quarter of the junk, depending on the machine's
     # speed (README, demo section); the Jacobian-paid rate is what is checked here.
     cfg = DemoConfig(logdir=str(tmp_path), progress=False, curation_budget=None)
     result = run_demo(cfg)
