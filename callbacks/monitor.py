@@ -424,8 +424,10 @@ class JEPAScoreMonitor(Callback):
 
     def _score_heldout(self, trainer: Any, pl_module: Any, split: str, strict: bool) -> None:
         data, k = self._data, self.keys
-        n = min(self.schedule.rows[0] if self.schedule.rows else self.heldout_max_samples, data.num_rows)
-        self._scored_rows["heldout"] = n
+        planned = self.schedule.rows[0] if self.schedule.rows and split == "heldout" else self.heldout_max_samples
+        n = min(planned, data.num_rows)  # validate()/test() score every configured row
+        if split == "heldout":
+            self._scored_rows["heldout"] = n
         index = torch.arange(trainer.global_rank, n, trainer.world_size)
 
         def compute() -> torch.Tensor:
