@@ -11,6 +11,8 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Dict, Optional, Tuple
 
+from jepa_monitor.monitoring import MetricKeys
+
 
 class MonitorClock:
     def __init__(self) -> None:
@@ -83,6 +85,22 @@ class MonitorClock:
         training batches, c/s, rather than of the wall time, c/(s + c + ...))."""
         wall = self._wall()
         return self.curation / wall if wall > 0 else 0.0
+
+    def metrics(self, keys: MetricKeys, seconds: float, *, failures_total: int, budget: Optional[float],
+                curation_budget: Optional[float], curating: bool, gap: Optional[int]) -> Dict[str, float]:
+        """The ``time/`` scalars logged with an evaluation that took ``seconds`` (the monitor's docstring)."""
+        metrics = {keys.time("score_seconds"): seconds, keys.time("total_score_seconds"): self.total_now(),
+                   keys.time("share"): self.share(), keys.time("fit_start_seconds"): self.burst_now(),
+                   keys("monitor", "failures_total"): float(failures_total)}
+        if budget is not None:
+            metrics[keys.time("budget")] = budget
+        if curating:
+            metrics[keys.time("curation_share")] = self.curation_share()
+            if curation_budget is not None:
+                metrics[keys.time("curation_budget")] = curation_budget
+        if gap is not None:
+            metrics[keys.time("heldout_gap")] = float(gap)
+        return metrics
 
     def state_dict(self) -> Dict[str, Any]:
         return {"total": self.total, "evaluation": dict(self.evaluation)}

@@ -1,9 +1,9 @@
-"""The monitor's configuration: its arguments checked before training starts, and the encoder and
-Scorer they name on the LightningModule."""
+"""The monitor's configuration: its arguments checked before training starts, and the encoder,
+Scorer and held-out rows they name."""
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -15,7 +15,10 @@ from jepa_monitor.monitoring import ALERTS
 from jepa_monitor.scorer import Scorer
 from jepa_monitor.scores import COMPONENTS
 
-from ._heldout import side_inputs
+from ._heldout import HeldoutSet, load_heldout, side_inputs, trim_for_trust
+
+#: Most held-out rows read for the embedding-only trust diagnostics when ``trust_samples="auto"``.
+MAX_TRUST_SAMPLES = 4096
 
 
 def check_arguments(*, heldout: Any, encoder: Any, every_n_steps: Optional[int], heldout_max_samples: int,
@@ -93,3 +96,25 @@ def check_batch(batch: Any, *, input_key: Key, id_key: Key, side_keys: dict, sco
     get_ids(batch, id_key, x.shape[0])
     side_inputs(batch, side_keys)
     check_input_dtype(x, f"input_key={input_key!r}", score_options)
+
+
+def resolve_weight_key(policy: Any, weight_key: str) -> str:
+    """The batch key of per-sample weights: a policy's own ``weight_key`` wins (raises when they differ)."""
+    policy_key = getattr(policy, "weight_key", "sample_weight")
+    if policy_key != "sample_weight" and weight_key not in ("sample_weight", policy_key):
+        raise ValueError(f"weight_key={weight_key!r} on the monitor and {policy_key!r} on the policy differ; set it in one place.")
+    return policy_key if policy_key != "sample_weight" else weight_key
+
+
+def read_heldout(source: Any, scorer: Any, device: Any, *, input_key: Key, id_key: Key, side_keys: Mapping[str, Key],
+                 score_options: dict, jacobian_rows: int, trust_samples: Union[int, str]) -> HeldoutSet:
+    """The held-out rows the monitor uses: ``jacobian_rows`` to score and ``trust_samples`` to embed
+    (``"auto"``: 4·K, at most :data:`MAX_TRUST_SAMPLES`; K is known after one forward pass of ``scorer``)."""
+    auto = trust_samples == "auto"
+    data = load_heldout(source, input_key=input_key, id_key=id_key, side_keys=side_keys,
+                        max_rows=max(jacobian_rows, MAX_TRUST_SAMPLES if auto else trust_samples))
+    check_input_dtype(data.x, "the held-out input", score_options)
+    if auto and data.num_rows > jacobian_rows:
+        x, side = data.rows(torch.arange(1), device)
+        data = trim_for_trust(data, scorer.embed(x, **side).shape[1], jacobian_rows)
+    return data

@@ -39,10 +39,7 @@ class Curation:
         paceable = "max_scored" in inspect.signature(policy.decide_batch).parameters
         self.pacer = CurationPacer(curation_budget) if curation_budget is not None and paceable else None
         self.input_key, self.id_key, self.side_keys, self.weight_key = input_key, id_key, side_keys, weight_key
-        self.failures = FailureCounter(
-            tag, "curation", "curating training batch", "the batch trains unfiltered",
-            "curation is off and batches train unfiltered from now on on this rank (monitoring continues).", max_failures,
-        )
+        self.failures = FailureCounter.for_curation(tag, max_failures)
         self.pending: List[Dict[str, Any]] = []
         self.tag, self.warned_estimate = tag, False
 
@@ -125,3 +122,15 @@ class Curation:
     def take_pending(self) -> List[Dict[str, Any]]:
         rows, self.pending = self.pending, []
         return rows
+
+    def over_budget(self) -> bool:
+        return self.pacer is not None and self.pacer.over_budget()
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Its part of the monitor's state (keys at the top level of the monitor's ``state_dict``)."""
+        return {"policy": self.policy.state_dict(), "curation_failures": self.failures.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if "policy" in state:  # absent when the checkpoint was written without a policy
+            self.policy.load_state_dict(state["policy"])
+            self.failures.load_state_dict(state["curation_failures"])

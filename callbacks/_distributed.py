@@ -8,7 +8,8 @@ instead of one rank waiting forever in a collective the others never reach.
 
 from __future__ import annotations
 
-from typing import Any, List, Optional
+import time
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -45,6 +46,19 @@ def gather_rows(strategy: Any, rows: Optional[torch.Tensor], world_size: int) ->
     padded[: rows.shape[0]] = rows.to(device=device, dtype=torch.float64)
     gathered = _all_gather(padded, world_size).cpu()
     return torch.cat([gathered[r, : int(meta[r, 0])] for r in range(world_size)])
+
+
+def compute_and_gather(compute: Callable[[], torch.Tensor], strategy: Any, world_size: int
+                       ) -> Tuple[Optional[torch.Tensor], Optional[BaseException], float]:
+    """(every rank's rows of ``compute()``, this rank's error, seconds): the rows are None when any rank
+    failed. Every rank reaches the same collectives whether or not it failed."""
+    start, rows, err = time.perf_counter(), None, None
+    try:
+        rows = compute()
+    except Exception as e:  # a fault inside scoring must never end the training run
+        err = e
+    gathered = gather_rows(strategy, rows, world_size)
+    return gathered, err, time.perf_counter() - start
 
 
 def gather_objects(obj: Any, world_size: int) -> List[Any]:

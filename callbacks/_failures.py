@@ -22,6 +22,17 @@ class FailureCounter:
         self.total = 0
         self.disabled = False
 
+    @classmethod
+    def for_scoring(cls, tag: str, limit: int) -> "FailureCounter":
+        return cls(tag, "scoring", "scoring", "the measurement is skipped and training continues",
+                   "no more scores are measured or logged and no batch is curated in this run; fix the cause and "
+                   "restart (the state is in the checkpoint).", limit)
+
+    @classmethod
+    def for_curation(cls, tag: str, limit: int) -> "FailureCounter":
+        return cls(tag, "curation", "curating training batch", "the batch trains unfiltered",
+                   "curation is off and batches train unfiltered from now on on this rank (monitoring continues).", limit)
+
     def succeeded(self) -> None:
         self.consecutive = 0
 

@@ -1,4 +1,5 @@
-"""Reading the held-out set once: the input rows, their ids and the encoder's side inputs.
+"""Reading the held-out set once: the input rows, their ids and the encoder's side inputs; and which
+rows of a training batch are scored as incoming.
 
 The held-out set may be a DataLoader (or any iterable of batches laid out like training batches), a
 tensor, or the path of a ``torch.save``-d tensor or dict batch (the form a YAML config can name).
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import torch
 
@@ -33,6 +34,16 @@ class HeldoutSet:
     def rows(self, index: torch.Tensor, device: Any) -> tuple:
         """(x, side) of the rows ``index``, on ``device``."""
         return self.x[index].to(device), {k: v[index].to(device) for k, v in self.side.items()}
+
+    def embed_rest(self, z: torch.Tensor, scorer: Callable[[], Any], device: Any) -> torch.Tensor:
+        """``z``, the embeddings of the first rows, completed with those of the other rows (one forward
+        pass of ``scorer()``, built only when there are any)."""
+        rest = torch.arange(z.shape[0], self.num_rows)
+        if not rest.numel():
+            return z
+        x, side = self.rows(rest, device)
+        with torch.inference_mode(False), torch.no_grad():
+            return torch.cat([z, scorer().embed(x, **side).float().cpu()])
 
 
 def load_heldout(source: Any, *, input_key: Key, id_key: Key, side_keys: Mapping[str, Key],
@@ -82,6 +93,14 @@ def trim_for_trust(data: HeldoutSet, embed_dim: int, jacobian_rows: int) -> Held
     diagnostics (:func:`jepa_monitor.diagnostics.trust_rows`)."""
     keep = min(data.num_rows, max(jacobian_rows, trust_rows(embed_dim)))
     return HeldoutSet(data.x[:keep], data.ids[:keep], {n: v[:keep] for n, v in data.side.items()})
+
+
+def pick_rows(n: int, limit: int, generator: torch.Generator) -> torch.Tensor:
+    """Indices of the incoming rows scored out of a training batch of ``n``: all of them, or a random
+    subset of ``limit`` (in batch order) drawn from the monitor's private ``generator``."""
+    if n <= limit:
+        return torch.arange(n)
+    return torch.randperm(n, generator=generator)[:limit].sort().values
 
 
 def side_inputs(batch: Any, side_keys: Mapping[str, Key], rows: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:

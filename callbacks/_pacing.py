@@ -31,6 +31,8 @@ from typing import Dict, Optional, Tuple
 WINDOW = 32
 #: A batch is charged at most this many times its modelled cost.
 SPIKE = 3.0
+#: Decided batches before curation's cost is judged against its budget.
+JUDGED_AFTER = 50
 
 
 class CurationPacer:
@@ -43,6 +45,7 @@ class CurationPacer:
         self.with_rows: deque = deque(maxlen=WINDOW)  # (rows, seconds beyond base), first of each count excluded
         self.first: Dict[int, float] = {}  # the first (possibly one-off) cost at each row count
         self.spent_total = self.earned_total = 0.0
+        self.charged_batches = 0
 
     def max_rows(self, step_seconds: Optional[float]) -> Optional[int]:
         """Jacobian rows the next batch may use; None: not paced yet (no training batch timed, or no
@@ -98,8 +101,10 @@ class CurationPacer:
         self.credit = min(self.credit + allowance - charged, self.burst * allowance)
         self.earned_total += allowance
         self.spent_total += seconds
+        self.charged_batches += 1
 
     def over_budget(self) -> bool:
-        """Curation has cost more than 1.5 x its allowance so far (the embedding forward alone, or a
-        policy whose rows cannot be paced, e.g. ``gate=False``)."""
-        return self.earned_total > 0 and self.spent_total > 1.5 * self.earned_total
+        """Curation has cost more than 1.5 x its allowance over at least :data:`JUDGED_AFTER` decided
+        batches (the embedding forward alone, or a policy whose rows cannot be paced, e.g.
+        ``gate=False``); the first, unpaced batch alone must not decide it."""
+        return self.charged_batches >= JUDGED_AFTER and self.spent_total > 1.5 * self.earned_total

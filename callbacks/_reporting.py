@@ -8,39 +8,58 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from jepa_monitor.batches import looks_like_images
 from jepa_monitor.export import ScoreExporter, export_path
-from jepa_monitor.monitoring import MetricKeys, is_trusted
+from jepa_monitor.monitoring import Measurement, MetricKeys, custom_scalars_layout, is_trusted, rank_deficiency_metrics
 
 from ._tensorboard import first_writer_dir, summary_writers, write_extremes, write_histograms
+
+ALERT_MEANING = {"data_shift": "incoming rows differ from held-out rows scored with the same weights",
+                 "model_change": "the held-out scores moved since the last evaluation"}
 
 
 class Reporter:
     """Writes one monitor's results (global rank 0 writes; other ranks return at once)."""
 
-    def __init__(self, keys: MetricKeys, tag: str, *, components: Sequence[str], image_component: str,
-                 num_images: int, export: Any) -> None:
+    def __init__(self, keys: MetricKeys, tag: str, *, components: Sequence[str], drift_component: str,
+                 drift_threshold: float, alert_on: Sequence[str], num_images: int, export: Any) -> None:
         self.keys, self.tag, self.components = keys, tag, tuple(components)
-        self.image_component, self.num_images, self.export = image_component, num_images, export
+        self.drift_component, self.drift_threshold, self.alert_on = drift_component, drift_threshold, tuple(alert_on)
+        self.num_images, self.export = num_images, export
         self.exporter: Optional[ScoreExporter] = None
         self.warned: set = set()
         self.warnings_on: Dict[str, bool] = {}  # trust / agreement warnings: once per episode
+
+    def start(self, trainer: Any, with_policy: bool) -> None:
+        """At fit start: say when nothing will be logged, and lay out the custom scalars."""
+        if not trainer.loggers:
+            self.warn_once("nologger", f"{self.tag}: the Trainer has no logger; scores are exported to "
+                           f"{trainer.default_root_dir} but not logged.")
+        for writer in self.writers(trainer):
+            writer.add_custom_scalars(custom_scalars_layout(self.keys, self.components, with_policy))
 
     def warn_once(self, key: str, message: str) -> None:
         if key not in self.warned:
             self.warned.add(key)
             rank_zero_warn(message)
 
-    def alerts(self, kinds: Sequence[str], batch: int, component: str, threshold: float, meanings: Dict[str, str]) -> None:
-        """Warn for each alert in ``kinds`` (alerts that just turned on and are asked for)."""
-        for kind in kinds:
-            rank_zero_warn(f"{self.tag}: {kind.replace('_', ' ')} alert at training batch {batch}: KS statistic of "
-                           f"{component} > drift_threshold = {threshold} ({meanings[kind]}).")
+    def alerts(self, turned_on: Sequence[str], batch: int) -> None:
+        """Warn for each alert that just turned on and is in ``alert_on``."""
+        for kind in turned_on:
+            if kind in self.alert_on:
+                rank_zero_warn(f"{self.tag}: {kind.replace('_', ' ')} alert at training batch {batch}: KS statistic of "
+                               f"{self.drift_component} > drift_threshold = {self.drift_threshold} ({ALERT_MEANING[kind]}).")
+
+    def curation_over_budget(self, curation_budget: Optional[float]) -> None:
+        self.warn_once("budget", f"{self.tag}: curation costs more than 1.5 x curation_budget="
+                       f"{curation_budget} of a training batch even with few Jacobian rows (the "
+                       "embedding forward pass, or a policy with gate=False). Use a cheaper policy "
+                       "(score_key='log_prior', every_n_steps) or a larger curation_budget.")
 
     def trust(self, result: Any, batch: int) -> None:
         """Warn when trust is unknown (once), when it turns low, and when scores disagree sharply."""
@@ -59,11 +78,15 @@ class Reporter:
                            f"{', '.join(result.disagreeing)}.")
         self.warnings_on["agreement"] = bool(result.disagreeing)
 
-    def rank_deficiency(self, info: Dict[str, Any], split: str, rank_dim: int) -> None:
+    def rank_deficiency(self, split: str, m: Measurement) -> Dict[str, float]:
+        """The rank-deficiency scalars of ``m``; warns once when most rows share floored dimensions."""
+        metrics, info = rank_deficiency_metrics(self.keys, split, m)
         if info.get("systematic"):
+            rank_dim = int(m.rank_dim.max()) if m.num_rows else 0
             self.warn_once("rank", f"{self.tag}: {info['typical_floored']} of {rank_dim} singular values are floored on "
                            f"most {split} rows: the encoder has dead output dimensions (e.g. a LayerNorm gain near 0), "
                            "and the score sums the log singular values of the remaining rank.")
+        return metrics
 
     @contextlib.contextmanager
     def guard(self, what: str, batch: int) -> Iterator[None]:
@@ -91,7 +114,7 @@ class Reporter:
         write_histograms(writers, {self.keys.hist(split, c): scores[c] for c in self.components}, step)
         if images is not None and self.num_images > 0 and looks_like_images(images):
             write_extremes(writers, self.keys.image(split, "lowest"), self.keys.image(split, "highest"), images,
-                           scores[self.image_component], self.num_images, step)
+                           scores[self.drift_component], self.num_images, step)
         for writer in writers:
             writer.flush()
 
@@ -103,6 +126,31 @@ class Reporter:
             log_dir = first_writer_dir(trainer) or trainer.default_root_dir
             self.exporter = ScoreExporter(export_path(log_dir, self.keys.name, self.export), self.export)
         self.exporter.write(step, split, n, **columns)
+
+    def measurement(self, trainer: Any, split: str, m: Measurement, metrics: Dict[str, float], *,
+                    images: Optional[torch.Tensor], sample_ids: Optional[List[str]]) -> None:
+        """One measurement's scalars, histograms (and image grids) and export rows."""
+        self.log(trainer, metrics)
+        self.scores(trainer, split, m.scores, images)
+        self.rows(trainer, trainer.global_step, split, m.num_rows, sample_ids=sample_ids, scores=m.scores,
+                  n_floored=m.n_floored)
+
+    def plan(self, trainer: Any, *, gap: int, budget: float, rows: Tuple[int, int]) -> None:
+        """A new budget plan: the gap to the next held-out evaluation and the rows of the next evaluations."""
+        self.log(trainer, {self.keys.time("heldout_gap"): float(gap), self.keys.time("budget"): float(budget),
+                           self.keys.time("heldout_rows"): float(rows[0]),
+                           self.keys.time("incoming_rows"): float(rows[1])})
+
+    def curated_batch(self, trainer: Any, metrics: Dict[str, float], weight: torch.Tensor) -> None:
+        self.log(trainer, metrics)
+        write_histograms(self.writers(trainer), {self.keys.hist("policy", "weight"): weight}, trainer.global_step)
+
+    def curated_rows(self, trainer: Any, per_rank: Sequence[List[Dict[str, Any]]]) -> None:
+        """Every rank's buffered curated rows (``Curation.take_pending``) to the export file."""
+        for rows in per_rank:
+            for r in rows:
+                self.rows(trainer, r["step"], "incoming", len(r["kept"]), sample_ids=r["ids"],
+                          scores=r["scores"], kept=r["kept"], weight=r["weight"])
 
     def close(self) -> None:
         if self.exporter is not None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
-from typing import Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 #: Training batches timed before the first budget plan.
 WARMUP_BATCHES = 5
@@ -114,3 +114,30 @@ class Schedule:
     def plan(self, last_heldout_batch: int, gap: int) -> None:
         self.gap = gap
         self.next_heldout = last_heldout_batch + gap
+
+    def replan(self, measured: Sequence[Tuple[float, int]], max_rows: Tuple[int, int], last_heldout_batch: int,
+               gather: Callable[[Any], List[Any]]) -> Optional[Tuple[int, int]]:
+        """Plan the rows and the spacing of the next evaluations from the latest measured (seconds, rows)
+        of the held-out and the incoming one; returns the (held-out, incoming) rows planned, None while
+        no rank has timed a batch. ``gather(x)`` is every rank's ``x``: the ranks agree on the fewest rows
+        and the largest gap (an evaluation is a collective: every rank must run it at the same batch, on
+        the same rows)."""
+        proposals = [p for p in gather(self.propose_rows(*measured, max_rows)) if p]
+        if proposals:
+            self.rows = (min(p[0] for p in proposals), min(p[1] for p in proposals))
+        rows = self.rows or max_rows
+        # The cost at the planned rows: the measured one, in proportion to the rows (the Jacobian dominates).
+        cost = sum(t * r / max(1, n) for (t, n), r in zip(measured, rows))
+        gaps = [g for g in gather(self.propose_gap(cost)) if g is not None]
+        if not gaps:
+            return None
+        self.plan(last_heldout_batch, max(gaps))
+        return rows
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"next_heldout": self.next_heldout, "gap": self.gap, "rows": self.rows}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.next_heldout, self.gap = state["next_heldout"], state["gap"]
+        rows = state.get("rows")
+        self.rows = tuple(rows) if rows else None

@@ -21,7 +21,7 @@ monitor turns it on by default only for sharded strategies (``rank_synchronous="
 
 from __future__ import annotations
 
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -34,6 +34,12 @@ def is_sharded(strategy: Any) -> bool:
     """FSDP, DeepSpeed and model-parallel strategies shard the module's parameters."""
     name = type(strategy).__name__.lower()
     return any(s in name for s in ("fsdp", "deepspeed", "modelparallel"))
+
+
+def synchronous_world(rank_synchronous: Any, strategy: Any, world_size: int) -> Optional[int]:
+    """The world size every rank's rows are padded to (``rank_synchronous``), None when they need not be."""
+    sync = rank_synchronous is True or (rank_synchronous == "auto" and is_sharded(strategy))
+    return world_size if sync and world_size > 1 else None
 
 
 class SynchronousScorer:

@@ -7,7 +7,6 @@ The callback schedules, gathers, logs and decides; every number comes from the c
 from __future__ import annotations
 
 import os
-import time
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import torch
@@ -20,20 +19,14 @@ from jepa_monitor.scorer import Scorer
 from jepa_monitor.scores import COMPONENTS
 
 from ._clock import MonitorClock
-from ._config import build_scorer, check_arguments, check_batch, check_input_dtype
+from ._config import build_scorer, check_arguments, check_batch, read_heldout, resolve_weight_key
 from ._curation import Curation
-from ._distributed import gather_objects, gather_rows
+from ._distributed import compute_and_gather, gather_objects
 from ._failures import FailureCounter
-from ._heldout import HeldoutSet, load_heldout, side_inputs, trim_for_trust
+from ._heldout import HeldoutSet, pick_rows, side_inputs
 from ._reporting import Reporter
 from ._schedule import Schedule
-from ._synchronous import SynchronousScorer, is_sharded
-from ._tensorboard import write_histograms
-
-ALERT_MEANING = {"data_shift": "incoming rows differ from held-out rows scored with the same weights",
-                 "model_change": "the held-out scores moved since the last evaluation"}
-#: Most held-out rows read for the embedding-only trust diagnostics when ``trust_samples="auto"``.
-MAX_TRUST_SAMPLES = 4096
+from ._synchronous import SynchronousScorer, synchronous_world
 
 
 def _message(err: BaseException) -> str:
@@ -180,9 +173,7 @@ class JEPAScoreMonitor(Callback):
             incoming_max_rows=incoming_max_rows, max_failures=max_failures, incoming_every_n_steps=incoming_every_n_steps,
             trust_samples=trust_samples, components=components, drift_component=drift_component, alert_on=alert_on,
             export=export)
-        policy_key = getattr(policy, "weight_key", "sample_weight")
-        if policy_key != "sample_weight" and weight_key not in ("sample_weight", policy_key):
-            raise ValueError(f"weight_key={weight_key!r} on the monitor and {policy_key!r} on the policy differ; set it in one place.")
+        self.weight_key = resolve_weight_key(policy, weight_key)
         self.keys = mon.MetricKeys(name)
         self.encoder, self.heldout, self.name = encoder, heldout, name
         self.every_n_steps, self.incoming_every_n_steps, self.budget = every_n_steps, incoming_every_n_steps, budget
@@ -197,17 +188,13 @@ class JEPAScoreMonitor(Callback):
             raise ValueError(f"rank_synchronous={rank_synchronous!r}: use True, False or 'auto'.")
         self.rank_synchronous = rank_synchronous
         self._sync_world: Optional[int] = None  # set at fit start: pad every rank's rows alike
-        self.report = Reporter(self.keys, self._tag, components=self.components, image_component=drift_component,
-                               num_images=num_images, export=export)
-        self.weight_key = policy_key if policy_key != "sample_weight" else weight_key
+        self.report = Reporter(self.keys, self._tag, components=self.components, drift_component=drift_component,
+                               drift_threshold=drift_threshold, alert_on=alert_on, num_images=num_images, export=export)
         self.curation = None if policy is None else Curation(
             policy, self.keys, self._tag, input_key=input_key, id_key=id_key, side_keys=self.side_keys,
             weight_key=self.weight_key, max_failures=max_failures, curation_budget=curation_budget)
         self.curation_budget = curation_budget
-        self.failures = FailureCounter(
-            self._tag, "scoring", "scoring", "the measurement is skipped and training continues",
-            "no more scores are measured or logged and no batch is curated in this run; fix the cause and "
-            "restart (the state is in the checkpoint).", max_failures)
+        self.failures = FailureCounter.for_scoring(self._tag, max_failures)
         # persisted (state_dict)
         self.tracker = mon.ScoreTracker(self.keys, components=self.components, drift_component=drift_component,
                                         threshold=drift_threshold)
@@ -258,12 +245,9 @@ class JEPAScoreMonitor(Callback):
         state = dict(version=2, batches=self._batches, trust=self._trust, history=list(self._history),
                      generator=self._generator.get_state(), failures=self.failures.state_dict(),
                      tracker=self.tracker.state_dict(), clock=self.clock.state_dict(),
-                     schedule={"next_heldout": self.schedule.next_heldout, "gap": self.schedule.gap,
-                               "rows": self.schedule.rows},
-                     alerts=dict(self.tracker.alerts))
+                     schedule=self.schedule.state_dict(), alerts=dict(self.tracker.alerts))
         if self.curation is not None:
-            state["policy"] = self.policy.state_dict()
-            state["curation_failures"] = self.curation.failures.state_dict()
+            state.update(self.curation.state_dict())
         return state
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
@@ -271,14 +255,11 @@ class JEPAScoreMonitor(Callback):
         self._history = list(state_dict["history"])
         self.clock.load_state_dict(state_dict["clock"])
         self.tracker.load_state_dict(state_dict["tracker"])
-        self.schedule.next_heldout, self.schedule.gap = state_dict["schedule"]["next_heldout"], state_dict["schedule"]["gap"]
-        rows = state_dict["schedule"].get("rows")
-        self.schedule.rows = tuple(rows) if rows else None
+        self.schedule.load_state_dict(state_dict["schedule"])
         self._generator.set_state(state_dict["generator"])
         self.failures.load_state_dict(state_dict["failures"])
-        if self.curation is not None and "policy" in state_dict:
-            self.policy.load_state_dict(state_dict["policy"])
-            self.curation.failures.load_state_dict(state_dict["curation_failures"])
+        if self.curation is not None:
+            self.curation.load_state_dict(state_dict)
 
     # ------------------------------------------------------------------ configuration
     def scorer(self, pl_module: Any) -> Scorer:
@@ -294,14 +275,10 @@ class JEPAScoreMonitor(Callback):
         try:
             scorer = self.scorer(pl_module)
             if self._data is None:
-                auto = self.trust_samples == "auto"
-                data = load_heldout(self.heldout, input_key=self.input_key, id_key=self.id_key, side_keys=self.side_keys,
-                                    max_rows=max(self.heldout_max_samples, MAX_TRUST_SAMPLES if auto else self.trust_samples))
-                check_input_dtype(data.x, "the held-out input", self.score_options)
-                if auto and data.num_rows > self.heldout_max_samples:  # K is known after one forward
-                    x, side = data.rows(torch.arange(1), pl_module.device)
-                    data = trim_for_trust(data, scorer.embed(x, **side).shape[1], self.heldout_max_samples)
-                self._data = data
+                self._data = read_heldout(
+                    self.heldout, scorer, pl_module.device, input_key=self.input_key, id_key=self.id_key,
+                    side_keys=self.side_keys, score_options=self.score_options,
+                    jacobian_rows=self.heldout_max_samples, trust_samples=self.trust_samples)
         except MisconfigurationException:
             raise
         except Exception as err:
@@ -320,14 +297,9 @@ class JEPAScoreMonitor(Callback):
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         self.clock.start()
         self._checked_batch = False
-        sync = self.rank_synchronous is True or (self.rank_synchronous == "auto" and is_sharded(trainer.strategy))
-        self._sync_world = trainer.world_size if sync and trainer.world_size > 1 else None
+        self._sync_world = synchronous_world(self.rank_synchronous, trainer.strategy, trainer.world_size)
         self._prepare(pl_module)
-        if not trainer.loggers:
-            self.report.warn_once("nologger", f"{self._tag}: the Trainer has no logger; scores are exported to "
-                            f"{trainer.default_root_dir} but not logged.")
-        for writer in self.report.writers(trainer):
-            writer.add_custom_scalars(mon.custom_scalars_layout(self.keys, self.components, self.policy is not None))
+        self.report.start(trainer, with_policy=self.policy is not None)
         if not self.disabled and self.tracker.anchor is None:
             self._heldout_evaluation(trainer, pl_module, "heldout", strict=True, burst=True)
         elif self.tracker.anchor is not None:  # resumed: only check that the configuration still scores
@@ -354,14 +326,7 @@ class JEPAScoreMonitor(Callback):
             # Scored with the fit-start evaluation (same weights): part of its burst.
             self._incoming_evaluation(trainer, pl_module, batch, burst=b == 0 and timed is None)
         if self.curation is not None and not self.curation.failures.disabled and not self.disabled:
-            result = self.curation.curate(self.scorer(pl_module), batch, batch_index=b, step=trainer.global_step,
-                                          trust=self._trust, step_seconds=self.schedule.batch_seconds())
-            self.clock.add(result["seconds"], curation=True)
-            if "decision" in result and trainer.log_every_n_steps and b % trainer.log_every_n_steps == 0:
-                with self.report.guard("curated batch", b):
-                    self.report.log(trainer, self.curation.metrics(result))
-                    write_histograms(self.report.writers(trainer), {self.keys.hist("policy", "weight"): result["weight"]},
-                                     trainer.global_step)
+            self._curate(trainer, pl_module, batch)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         # Scored after the step, with the weights the next batch's incoming rows will see: no optimizer
@@ -396,17 +361,20 @@ class JEPAScoreMonitor(Callback):
             self._heldout_evaluation(trainer, pl_module, split, strict=False)
         self.report.close()
 
+    def _curate(self, trainer: Any, pl_module: Any, batch: Any) -> None:
+        b = self._batches
+        result = self.curation.curate(self.scorer(pl_module), batch, batch_index=b, step=trainer.global_step,
+                                      trust=self._trust, step_seconds=self.schedule.batch_seconds())
+        self.clock.add(result["seconds"], curation=True)
+        if "decision" in result and trainer.log_every_n_steps and b % trainer.log_every_n_steps == 0:
+            with self.report.guard("curated batch", b):
+                self.report.curated_batch(trainer, self.curation.metrics(result), result["weight"])
+
     # ------------------------------------------------------------------ measurements
     def _measure(self, trainer: Any, compute: Callable[[], torch.Tensor], what: str, strict: bool) -> Optional[mon.Measurement]:
         """This rank's packed rows, gathered from every rank; None (and a warning) when any rank
         failed. Every rank reaches the same collectives whether or not it failed."""
-        start, rows, err = time.perf_counter(), None, None
-        try:
-            rows = compute()
-        except Exception as e:  # a fault inside scoring must never end the training run
-            err = e
-        gathered = gather_rows(trainer.strategy, rows, trainer.world_size)
-        seconds = time.perf_counter() - start
+        gathered, err, seconds = compute_and_gather(compute, trainer.strategy, trainer.world_size)
         if gathered is None:
             if strict:
                 reason = _message(err) if err is not None else "it failed on another rank"
@@ -423,7 +391,7 @@ class JEPAScoreMonitor(Callback):
         self.clock.timed("incoming", self._score_incoming, trainer, pl_module, batch, burst=burst)
 
     def _score_heldout(self, trainer: Any, pl_module: Any, split: str, strict: bool) -> None:
-        data, k = self._data, self.keys
+        data = self._data
         planned = self.schedule.rows[0] if self.schedule.rows and split == "heldout" else self.heldout_max_samples
         n = min(planned, data.num_rows)  # validate()/test() score every configured row
         if split == "heldout":
@@ -443,19 +411,14 @@ class JEPAScoreMonitor(Callback):
         with self.report.guard(f"{split} set", self._batches):
             trust = self._trust_evaluation(pl_module, m) if split == "heldout" else None
             metrics, turned_on = self.tracker.heldout(split, m, self._batches, None if trust is None else trust.trust)
-            metrics.update(self._rank_deficiency(split, m))
-            self.report.alerts([t for t in turned_on if t in self.alert_on], self._batches, self.drift_component,
-                               self.drift_threshold, ALERT_MEANING)
+            metrics.update(self.report.rank_deficiency(split, m))
+            self.report.alerts(turned_on, self._batches)
             if trust is not None:
                 metrics.update(trust.metrics)
                 if self.curation is not None:
                     self._calibrate(m.scores, trust.trust)
-            metrics.update(self._time_metrics(m.seconds))
-            self._history.append(mon.history_entry(k, self._batches, trainer.global_step, split, self.drift_component, metrics))
-            self.report.log(trainer, metrics)
-            self.report.scores(trainer, split, m.scores, data.x[m.index])
-            self.report.rows(trainer, trainer.global_step, split, m.num_rows, sample_ids=[data.ids[i] for i in m.index.tolist()],
-                             scores=m.scores, n_floored=m.n_floored)
+            self._publish(trainer, split, m, metrics, images=data.x[m.index],
+                          sample_ids=[data.ids[i] for i in m.index.tolist()])
         if split == "heldout":
             self._flush_curated(trainer)
 
@@ -463,21 +426,11 @@ class JEPAScoreMonitor(Callback):
         """Trust from the embeddings of every kept held-out row (a forward pass each, on every rank
         alike: the trust that gates curation must be the same everywhere). Never reused stale."""
         self._trust = None
-        extra = torch.arange(m.num_rows, self._data.num_rows)
-        z = m.embedding
-        if extra.numel():
-            x, side = self._data.rows(extra, pl_module.device)
-            with torch.inference_mode(False), torch.no_grad():
-                z = torch.cat([z, self.scorer(pl_module).embed(x, **side).float().cpu()])
+        z = self._data.embed_rest(m.embedding, lambda: self.scorer(pl_module), pl_module.device)
         result = mon.trust_metrics(self.keys, z, m.scores)
         self._trust = result.trust
         self.report.trust(result, self._batches)
         return result
-
-    def _rank_deficiency(self, split: str, m: mon.Measurement) -> Dict[str, float]:
-        metrics, info = mon.rank_deficiency_metrics(self.keys, split, m)
-        self.report.rank_deficiency(info, split, int(m.rank_dim.max()) if m.num_rows else 0)
-        return metrics
 
     def _calibrate(self, scores: Dict[str, torch.Tensor], trust: Optional[float]) -> None:
         try:
@@ -490,13 +443,10 @@ class JEPAScoreMonitor(Callback):
 
         def compute() -> torch.Tensor:
             x = get_input(batch, self.input_key)
-            n = x.shape[0]
-            rows = torch.arange(n)
             limit = self.schedule.rows[1] if self.schedule.rows else self.incoming_max_rows
-            if n > limit:
-                rows = torch.randperm(n, generator=self._generator)[:limit].sort().values
+            rows = pick_rows(x.shape[0], limit, self._generator)
             self._scored_rows["incoming"] = int(rows.numel())
-            ids = get_ids(batch, self.id_key, n)
+            ids = get_ids(batch, self.id_key, x.shape[0])
             picked["ids"] = [ids[i] for i in rows.tolist()] if ids is not None else None
             s = self.scorer(pl_module).score(x[rows.to(x.device)], **side_inputs(batch, self.side_keys, rows))
             return mon.Measurement.pack(s, rows)
@@ -507,64 +457,39 @@ class JEPAScoreMonitor(Callback):
         if m is None:
             return
         with self.report.guard("incoming batch", self._batches):
-            k = self.keys
             metrics, turned_on = self.tracker.incoming(m, self._batches)
-            metrics.update(self._rank_deficiency("incoming", m))
-            self.report.alerts([t for t in turned_on if t in self.alert_on], self._batches, self.drift_component,
-                               self.drift_threshold, ALERT_MEANING)
-            metrics.update(self._time_metrics(m.seconds))
-            self._history.append(mon.history_entry(k, self._batches, trainer.global_step, "incoming", self.drift_component, metrics))
-            self.report.log(trainer, metrics)
-            self.report.scores(trainer, "incoming", m.scores, None)
+            metrics.update(self.report.rank_deficiency("incoming", m))
+            self.report.alerts(turned_on, self._batches)
             ids = [i for lst in id_lists for i in lst] if all(i is not None for i in id_lists) else None
-            self.report.rows(trainer, trainer.global_step, "incoming", m.num_rows, sample_ids=ids, scores=m.scores,
-                             n_floored=m.n_floored)
+            self._publish(trainer, "incoming", m, metrics, images=None, sample_ids=ids)
+
+    def _publish(self, trainer: Any, split: str, m: mon.Measurement, metrics: Dict[str, float],
+                 images: Optional[torch.Tensor], sample_ids: Optional[List[str]]) -> None:
+        metrics.update(self._time_metrics(m.seconds))
+        self._history.append(mon.history_entry(self.keys, self._batches, trainer.global_step, split,
+                                               self.drift_component, metrics))
+        self.report.measurement(trainer, split, m, metrics, images=images, sample_ids=sample_ids)
 
     # ------------------------------------------------------------------ time
     def _plan(self, trainer: Any) -> None:
-        """Choose the rows of the next evaluations and space them so the monitor stays within its
-        budget (``callbacks/_schedule.py``); the ranks agree on the fewest rows and the largest gap
-        (an evaluation is a collective: every rank must run it at the same batch, on the same rows)."""
+        """Rows and spacing of the next evaluations within the budget (``callbacks/_schedule.py``)."""
         incoming_on = self.incoming_every_n_steps is not None
         measured = [(self.clock.evaluation["heldout"], self._scored_rows["heldout"]),
                     (self.clock.evaluation["incoming"] if incoming_on else 0.0, self._scored_rows["incoming"])]
         maxima = (min(self.heldout_max_samples, self._data.num_rows) if self._data is not None else self.heldout_max_samples,
                   self.incoming_max_rows)
-        proposals = [p for p in gather_objects(self.schedule.propose_rows(*measured, maxima), trainer.world_size) if p]
-        if proposals:
-            self.schedule.rows = (min(p[0] for p in proposals), min(p[1] for p in proposals))
-        rows = self.schedule.rows or maxima
-        # The cost at the planned rows: the measured one, in proportion to the rows (the Jacobian dominates).
-        cost = sum(t * r / max(1, n) for (t, n), r in zip(measured, rows))
-        gaps = [g for g in gather_objects(self.schedule.propose_gap(cost), trainer.world_size) if g is not None]
-        if gaps:
-            self.schedule.plan(self.tracker.latest_batch, max(gaps))
+        rows = self.schedule.replan(measured, maxima, self.tracker.latest_batch,
+                                    lambda proposal: gather_objects(proposal, trainer.world_size))
+        if rows is not None:
             with self.report.guard("schedule", self._batches):
-                self.report.log(trainer, {self.keys.time("heldout_gap"): float(self.schedule.gap),
-                                          self.keys.time("budget"): float(self.budget),
-                                          self.keys.time("heldout_rows"): float(rows[0]),
-                                          self.keys.time("incoming_rows"): float(rows[1])})
+                self.report.plan(trainer, gap=self.schedule.gap, budget=self.budget, rows=rows)
 
     def _time_metrics(self, seconds: float) -> Dict[str, float]:
-        k = self.keys
-        pacer = self.curation.pacer if self.curation is not None else None
-        if pacer is not None and pacer.over_budget():
-            self.report.warn_once("budget", f"{self._tag}: curation costs more than 1.5 x curation_budget="
-                                  f"{self.curation_budget} of a training batch even with few Jacobian rows (the "
-                                  "embedding forward pass, or a policy with gate=False). Use a cheaper policy "
-                                  "(score_key='log_prior', every_n_steps) or a larger curation_budget.")
-        metrics = {k.time("score_seconds"): seconds, k.time("total_score_seconds"): self.clock.total_now(),
-                   k.time("share"): self.clock.share(), k.time("fit_start_seconds"): self.clock.burst_now(),
-                   k("monitor", "failures_total"): float(self.failures.total)}
-        if self.budget is not None:
-            metrics[k.time("budget")] = self.budget
-        if self.curation is not None:
-            metrics[k.time("curation_share")] = self.clock.curation_share()
-            if self.curation_budget is not None:
-                metrics[k.time("curation_budget")] = self.curation_budget
-        if self.schedule.gap is not None:
-            metrics[k.time("heldout_gap")] = float(self.schedule.gap)
-        return metrics
+        if self.curation is not None and self.curation.over_budget():
+            self.report.curation_over_budget(self.curation_budget)
+        return self.clock.metrics(self.keys, seconds, failures_total=self.failures.total, budget=self.budget,
+                                  curation_budget=self.curation_budget, curating=self.curation is not None,
+                                  gap=self.schedule.gap)
 
     def _flush_curated(self, trainer: Any) -> None:
         """Curated rows are buffered per rank and gathered at held-out evaluations, so curation itself
@@ -573,7 +498,4 @@ class JEPAScoreMonitor(Callback):
             return
         per_rank = gather_objects(self.curation.take_pending(), trainer.world_size)
         with self.report.guard("curated rows", self._batches):
-            for rows in per_rank:
-                for r in rows:
-                    self.report.rows(trainer, r["step"], "incoming", len(r["kept"]), sample_ids=r["ids"],
-                                     scores=r["scores"], kept=r["kept"], weight=r["weight"])
+            self.report.curated_rows(trainer, per_rank)

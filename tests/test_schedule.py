@@ -104,6 +104,9 @@ def test_pacer_keeps_curation_within_its_share_of_the_training_batch():
     poor = CurationPacer(0.05)
     rows = _paced_run(poor, 0.030, cost, 100)
     assert sum(rows[1:]) == 0 and poor.over_budget()
+    early = CurationPacer(0.25)
+    _paced_run(early, 0.030, cost, 3)  # the first, unpaced batch costs 4 allowances: not a verdict yet
+    assert early.spent_total > 1.5 * early.earned_total and not early.over_budget()
     assert CurationPacer(0.25).max_rows(None) is None
     with pytest.raises(ValueError, match="curation_budget"):
         CurationPacer(0.0)
