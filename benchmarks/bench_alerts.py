@@ -134,7 +134,7 @@ def run_once(splits: DigitSplits, stream: Rows, *, steps: int, batch_size: int, 
         encoder="encoder", heldout=reference, heldout_max_samples=reference.shape[0],
         every_n_steps=heldout_every, incoming_every_n_steps=incoming_every,
         incoming_max_rows=INCOMING_ROWS, input_key="x", id_key="id",
-        policy=make_policy(0.05, warmup=steps // 5) if policy else None, seed=seed,
+        policy=make_policy(0.05) if policy else None, seed=seed,
         drift_threshold=threshold, num_images=0, export=False,
     )
 

@@ -2,14 +2,14 @@
 
 Every evaluation (scoring, gathering, trust, logging, export) and every curated batch counts. The
 first evaluation, at fit start, and the incoming rows scored with it are a burst kept apart from the
-share. Between two batch starts, the
-wall time minus the monitor's own seconds is one training batch: what the budget schedule needs.
+share. Seconds are reported (``time/`` keys), never used to decide: the schedule and the pacing count
+backward passes.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional
 
 from jepa_monitor.monitoring import MetricKeys
 
@@ -27,7 +27,6 @@ class MonitorClock:
         self.curation = 0.0
         self.running_since: Optional[float] = None  # an evaluation in progress counts as it runs
         self.running_burst = False  # ... and belongs to the fit-start burst
-        self._last: Optional[Tuple[float, float, float]] = None
 
     def add(self, seconds: float, curation: bool = False) -> None:
         self.total += seconds
@@ -56,15 +55,6 @@ class MonitorClock:
     def total_now(self) -> float:
         """All monitor seconds, the evaluation in progress included."""
         return self.total + self._running()
-
-    def batch_started(self) -> Optional[Tuple[float, float]]:
-        """(training seconds, curation seconds) of the batch that just ended, None for the first."""
-        now = time.perf_counter()
-        last, self._last = self._last, (now, self.run, self.curation)
-        if last is None:
-            return None
-        wall, run, curation = last
-        return now - wall - (self.run - run), self.curation - curation
 
     def burst_now(self) -> float:
         """Seconds of the fit-start burst, the part of it still running included."""

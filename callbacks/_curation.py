@@ -44,20 +44,18 @@ class Curation:
         self.tag, self.warned_estimate = tag, False
 
     def curate(self, scorer: Any, batch: Any, *, batch_index: int, step: int,
-               trust: Optional[float], step_seconds: Optional[float] = None) -> Optional[Dict[str, Any]]:
+               trust: Optional[float], passes_per_row: int) -> Optional[Dict[str, Any]]:
         """Decide for ``batch`` and edit it in place; returns what to log (None: nothing decided).
-        Seconds spent are in the result's ``seconds``. ``step_seconds``: a training batch's wall
-        time without the monitor (None before it is measured), what the pacing is a share of."""
+        Seconds spent are in the result's ``seconds`` (reported, never used to decide).
+        ``passes_per_row``: backward passes one Jacobian row costs (K), what the pacing counts."""
         start = time.perf_counter()
         if isinstance(scorer, Scorer) and scorer.vectorize is None:
             scorer = scorer.replace(vectorize="auto")  # module docstring
         paced = {}
-        if self.pacer is not None:
-            cap = self.pacer.max_rows(step_seconds)
-            if cap is not None:
-                paced["max_scored"] = cap
         try:
             x = get_input(batch, self.input_key)
+            if self.pacer is not None:
+                paced["max_scored"] = self.pacer.max_rows(x.shape[0], passes_per_row)
             ids = get_ids(batch, self.id_key, x.shape[0])
             side = side_inputs(batch, self.side_keys)
             with torch.inference_mode(False), torch.no_grad():
@@ -67,9 +65,9 @@ class Curation:
             return {"seconds": time.perf_counter() - start}
         self.failures.succeeded()
         n_estimated, n = int(getattr(decision, "n_estimated", 0)), int(decision.keep.numel())
-        if 4 * n_estimated > 3 * n and not self.warned_estimate:
-            # The embedding alone could not tell most rows apart (e.g. a LayerNorm'd embedding whose
-            # norm, hence its prior term, is the same for every row): the budget then decides nearly blind.
+        if 4 * n_estimated > 3 * n and decision.n_gated == 0 and not self.warned_estimate:
+            # The embedding alone decided no row and most rows were estimated (e.g. a LayerNorm'd
+            # embedding whose prior term is the same for every row): the budget then decides nearly blind.
             self.warned_estimate = True
             warnings.warn(f"{self.tag}: curation decided {n_estimated} of {n} rows at training batch {batch_index} from "
                           "an estimate (prior term + the reference's median Jacobian term), not from their Jacobian: "
@@ -104,8 +102,13 @@ class Curation:
             })
         seconds = time.perf_counter() - start
         if self.pacer is not None and decision.active:
-            self.pacer.spent(step_seconds, seconds, int(decision.n_scored))
+            self.pacer.spent(n, int(decision.n_scored), passes_per_row)
         return {"seconds": seconds, "keep": keep, "weight": weight, "decision": decision}
+
+    def charge(self, passes: int) -> None:
+        """Curation work outside a decision (a refresh of the reference) spent ``passes``."""
+        if self.pacer is not None:
+            self.pacer.charge(passes)
 
     def metrics(self, result: Mapping[str, Any]) -> Dict[str, float]:
         """This batch's decision and every counter of the policy (``<counter>_total``)."""
@@ -123,14 +126,14 @@ class Curation:
         rows, self.pending = self.pending, []
         return rows
 
-    def over_budget(self) -> bool:
-        return self.pacer is not None and self.pacer.over_budget()
-
     def state_dict(self) -> Dict[str, Any]:
         """Its part of the monitor's state (keys at the top level of the monitor's ``state_dict``)."""
-        return {"policy": self.policy.state_dict(), "curation_failures": self.failures.state_dict()}
+        return {"policy": self.policy.state_dict(), "curation_failures": self.failures.state_dict(),
+                "pacer": None if self.pacer is None else self.pacer.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if "policy" in state:  # absent when the checkpoint was written without a policy
             self.policy.load_state_dict(state["policy"])
             self.failures.load_state_dict(state["curation_failures"])
+            if self.pacer is not None:
+                self.pacer.load_state_dict(state.get("pacer"))

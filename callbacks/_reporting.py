@@ -55,12 +55,6 @@ class Reporter:
                 rank_zero_warn(f"{self.tag}: {kind.replace('_', ' ')} alert at training batch {batch}: KS statistic of "
                                f"{self.drift_component} > drift_threshold = {self.drift_threshold} ({ALERT_MEANING[kind]}).")
 
-    def curation_over_budget(self, curation_budget: Optional[float]) -> None:
-        self.warn_once("budget", f"{self.tag}: curation costs more than 1.5 x curation_budget="
-                       f"{curation_budget} of a training batch even with few Jacobian rows (the "
-                       "embedding forward pass, or a policy with gate=False). Use a cheaper policy "
-                       "(score_key='log_prior', every_n_steps) or a larger curation_budget.")
-
     def trust(self, result: Any, batch: int) -> None:
         """Warn when trust is unknown (once), when it turns low, and when scores disagree sharply."""
         if math.isnan(result.trust):

@@ -1,23 +1,29 @@
-"""When the monitor scores: a fixed cadence, or a share of the training wall time (the budget).
+"""When the monitor scores: a fixed cadence, or a share of training's backward passes (the budget).
 
-With a budget, the held-out evaluation (and the incoming rows scored with the same weights right
-after it) is spaced so that its cost stays within ``budget`` of the wall time:
+Costs are counted, never timed, so the schedule (and the curation calibrated at each evaluation) is
+the same on any machine and under any load. The unit is one backward pass of one sample through
+the encoder: a Jacobian-scored row costs K of them, an embedded row (trust) one, and a training
+batch of B rows at least B. With a budget, the held-out evaluation (and the incoming rows scored
+with the same weights right after it) is spaced so that its cost stays within ``budget`` of
+training's passes:
 
     gap = ceil(E / (budget·(s + c)))
 
-batches between evaluations, where E is the measured cost of one evaluation, s the median wall time
-of a training batch without the monitor and c the median per-batch curation cost (a policy decides
-every batch; its cost has its own share, ``curation_budget``, paced in ``_pacing.py``, and is part
-of the wall time the evaluations are a share of). The first evaluation, at fit start, is a burst
-outside the budget (reported as ``time/fit_start_seconds``).
+batches between evaluations, where E is the cost of one evaluation, s the median rows of a training
+batch and c the median passes curation spent per batch (a policy decides every batch; its Jacobian
+rows have their own share, ``curation_budget``, paced in ``_pacing.py``). The first evaluation, at
+fit start, is outside the budget.
+
+A monitor with a policy evaluates the held-out set at doubling intervals early in the run (after
+:data:`EARLY_GAP` batches, then at 2×, 4×, … that batch index, never later than the planned gap):
+the encoder changes fastest at the start, and a policy's threshold comes from these evaluations.
 
 How many rows: an evaluation of a large encoder can cost so much that the gap would leave the run
 nearly unobserved (ViT-B at 224 px on one GPU: a minute or more for 128 held-out rows). When the
 gap at the configured rows (``heldout_max_samples``, ``incoming_max_rows``) exceeds
 :data:`TARGET_GAP` batches, the rows are scaled down in proportion (the cost is taken as
 proportional to the rows, which the Jacobian dominates), to no fewer than :data:`MIN_HELDOUT_ROWS`
-and :data:`MIN_INCOMING_ROWS`; only then does the gap grow past the target. The next evaluation's
-measured cost corrects the plan. No Lightning import: plain numbers.
+and :data:`MIN_INCOMING_ROWS`; only then does the gap grow past the target. No Lightning import: plain numbers.
 """
 
 from __future__ import annotations
@@ -27,8 +33,10 @@ import statistics
 from collections import deque
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-#: Training batches timed before the first budget plan.
+#: Training batches counted before the first budget plan.
 WARMUP_BATCHES = 5
+#: Batches between the first held-out evaluations while a policy waits for trust.
+EARLY_GAP = 50
 #: Batches between held-out evaluations beyond which the budget scores fewer rows first.
 TARGET_GAP = 1000
 #: Fewest held-out rows the budget scores (the policies' gate needs 64 reference rows; a KS
@@ -52,8 +60,8 @@ class Schedule:
         self.next_heldout: Optional[int] = None  # budget mode: the batch of the next evaluation
         self.gap: Optional[int] = None
         self.rows: Optional[Tuple[int, int]] = None  # budget mode: (held-out, incoming) rows planned
-        self.step_seconds: deque = deque(maxlen=50)
-        self.curation_seconds: deque = deque(maxlen=50)
+        self.batch_passes: deque = deque(maxlen=50)
+        self.curation_passes: deque = deque(maxlen=50)
 
     @property
     def budgeted(self) -> bool:
@@ -73,32 +81,34 @@ class Schedule:
         return batch % self.incoming_every_n_steps == 0
 
     def needs_plan(self) -> bool:
-        return self.budgeted and self.next_heldout is None and len(self.step_seconds) >= WARMUP_BATCHES
+        return self.budgeted and self.next_heldout is None and len(self.batch_passes) >= WARMUP_BATCHES
 
-    def note_batch(self, train_seconds: float, curation_seconds: float) -> None:
-        """One training batch's wall time without the monitor, and what curation cost in it."""
-        self.step_seconds.append(max(train_seconds, 0.0))
-        self.curation_seconds.append(max(curation_seconds, 0.0))
+    def note_batch(self, batch_rows: int, curation_passes: int) -> None:
+        """One training batch's rows (its passes), and the passes curation spent on it."""
+        self.batch_passes.append(max(int(batch_rows), 0))
+        self.curation_passes.append(max(int(curation_passes), 0))
 
-    def propose_gap(self, evaluation_seconds: float) -> Optional[int]:
+    def _room(self) -> float:
+        return self.budget * (statistics.median(self.batch_passes) + statistics.median(self.curation_passes))
+
+    def propose_gap(self, evaluation_passes: float) -> Optional[int]:
         """Batches until the next evaluation that keep its cost within the budget (this rank's view;
-        the ranks agree on the largest). None before any batch was timed."""
-        if not self.step_seconds:
+        the ranks agree on the largest). None before any batch was counted."""
+        if not self.batch_passes:
             return None
-        room = self.budget * (statistics.median(self.step_seconds) + statistics.median(self.curation_seconds))
+        room = self._room()
         if room <= 0:
             return self.max_gap
-        return int(min(self.max_gap, max(1, math.ceil(evaluation_seconds / room))))
+        return int(min(self.max_gap, max(1, math.ceil(evaluation_passes / room))))
 
     def propose_rows(self, heldout: Tuple[float, int], incoming: Tuple[float, int],
                      max_rows: Tuple[int, int]) -> Optional[Tuple[int, int]]:
-        """(held-out rows, incoming rows) for the next evaluations from the latest measured
-        (seconds, rows) of each and the configured maxima: the maxima when their gap is within
-        :data:`TARGET_GAP`, else scaled down to fit it (not below the minima). None before any
-        batch was timed."""
-        if not self.step_seconds:
+        """(held-out rows, incoming rows) for the next evaluations from the latest (passes, rows) of
+        each and the configured maxima: the maxima when their gap is within :data:`TARGET_GAP`, else
+        scaled down to fit it (not below the minima). None before any batch was counted."""
+        if not self.batch_passes:
             return None
-        room = self.budget * (statistics.median(self.step_seconds) + statistics.median(self.curation_seconds))
+        room = self._room()
         per_row = [t / r if r > 0 else 0.0 for t, r in (heldout, incoming)]
         full = per_row[0] * max_rows[0] + per_row[1] * max_rows[1]
         if room <= 0 or full <= TARGET_GAP * room:
@@ -107,31 +117,31 @@ class Schedule:
         floors = (MIN_HELDOUT_ROWS, MIN_INCOMING_ROWS)
         return tuple(max(min(lo, m), int(m * scale)) for m, lo in zip(max_rows, floors))  # type: ignore[return-value]
 
-    def batch_seconds(self) -> Optional[float]:
-        """Median wall time of a training batch without the monitor; None before one is timed."""
-        return statistics.median(self.step_seconds) if self.step_seconds else None
-
-    def plan(self, last_heldout_batch: int, gap: int) -> None:
+    def plan(self, last_heldout_batch: int, gap: int, early: bool = False) -> None:
+        """The next evaluation ``gap`` batches after the last; ``early`` (a policy is attached): no
+        later than max(EARLY_GAP, last batch), the doubling intervals of the module docstring."""
+        if early:
+            gap = min(gap, max(EARLY_GAP, last_heldout_batch))
         self.gap = gap
         self.next_heldout = last_heldout_batch + gap
 
     def replan(self, measured: Sequence[Tuple[float, int]], max_rows: Tuple[int, int], last_heldout_batch: int,
-               gather: Callable[[Any], List[Any]]) -> Optional[Tuple[int, int]]:
-        """Plan the rows and the spacing of the next evaluations from the latest measured (seconds, rows)
-        of the held-out and the incoming one; returns the (held-out, incoming) rows planned, None while
-        no rank has timed a batch. ``gather(x)`` is every rank's ``x``: the ranks agree on the fewest rows
+               gather: Callable[[Any], List[Any]], early: bool = False) -> Optional[Tuple[int, int]]:
+        """Plan the rows and the spacing of the next evaluations from the latest (passes, rows) of the
+        held-out and the incoming one; returns the (held-out, incoming) rows planned, None while
+        no rank has counted a batch. ``gather(x)`` is every rank's ``x``: the ranks agree on the fewest rows
         and the largest gap (an evaluation is a collective: every rank must run it at the same batch, on
         the same rows)."""
         proposals = [p for p in gather(self.propose_rows(*measured, max_rows)) if p]
         if proposals:
             self.rows = (min(p[0] for p in proposals), min(p[1] for p in proposals))
         rows = self.rows or max_rows
-        # The cost at the planned rows: the measured one, in proportion to the rows (the Jacobian dominates).
+        # The cost at the planned rows: the latest one, in proportion to the rows (the Jacobian dominates).
         cost = sum(t * r / max(1, n) for (t, n), r in zip(measured, rows))
         gaps = [g for g in gather(self.propose_gap(cost)) if g is not None]
         if not gaps:
             return None
-        self.plan(last_heldout_batch, max(gaps))
+        self.plan(last_heldout_batch, max(gaps), early)
         return rows
 
     def state_dict(self) -> Dict[str, Any]:

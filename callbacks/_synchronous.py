@@ -57,6 +57,9 @@ class SynchronousScorer:
     def embed(self, x: torch.Tensor, **side: Any) -> torch.Tensor:
         return self.scorer.embed(x, **side)  # one forward per call; every rank calls it alike
 
+    def log_prior(self, z: torch.Tensor) -> torch.Tensor:
+        return self.scorer.log_prior(z)  # no pass of the encoder
+
     def score(self, x: torch.Tensor, **side: Any) -> SampleScores:
         n = x.shape[0]
         target = max(gather_objects(n, self.world_size))

@@ -15,7 +15,9 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from jepa_monitor import monitoring as mon
 from jepa_monitor.batches import Key, get_ids, get_input
+from jepa_monitor.reading import READINGS, cross_fitted_log_prior, fit_reading
 from jepa_monitor.scorer import Scorer
+from jepa_monitor.whitening import Whitening
 from jepa_monitor.scores import COMPONENTS
 
 from ._clock import MonitorClock
@@ -24,6 +26,7 @@ from ._curation import Curation
 from ._distributed import compute_and_gather, gather_objects
 from ._failures import FailureCounter
 from ._heldout import HeldoutSet, pick_rows, side_inputs
+from ._refresh import ReadingRefresh, refresh_cost
 from ._reporting import Reporter
 from ._schedule import Schedule
 from ._synchronous import SynchronousScorer, synchronous_world
@@ -158,6 +161,7 @@ class JEPAScoreMonitor(Callback):
         policy: Any = None,
         weight_key: str = "sample_weight",
         name: str = "jepa",
+        reading: str = "fitted",
         drift_component: str = "log_density",
         drift_threshold: float = 0.5,
         alert_on: Sequence[str] = ("data_shift",),
@@ -184,6 +188,14 @@ class JEPAScoreMonitor(Callback):
         self.components, self.score_options, self.policy = tuple(components), dict(score_options or {}), policy
         self.drift_component, self.drift_threshold, self.alert_on = drift_component, drift_threshold, tuple(alert_on)
         self.num_images, self.export, self.seed = num_images, export, seed
+        if reading not in READINGS:
+            raise ValueError(f"reading={reading!r} is not one of {READINGS}.")
+        self.reading = reading
+        self._prior: Optional[Whitening] = None  # the fitted Gaussian of the latest held-out evaluation
+        self._embed_dim: Optional[int] = None  # K, known after the first held-out evaluation
+        self._curation_passes = 0  # backward passes curation (refresh included) spent on the current batch
+        self._refresh = ReadingRefresh()  # the policy's reference, read again between evaluations
+        self._last_counted = -1
         if rank_synchronous not in (True, False, "auto"):
             raise ValueError(f"rank_synchronous={rank_synchronous!r}: use True, False or 'auto'.")
         self.rank_synchronous = rank_synchronous
@@ -245,9 +257,11 @@ class JEPAScoreMonitor(Callback):
         state = dict(version=2, batches=self._batches, trust=self._trust, history=list(self._history),
                      generator=self._generator.get_state(), failures=self.failures.state_dict(),
                      tracker=self.tracker.state_dict(), clock=self.clock.state_dict(),
-                     schedule=self.schedule.state_dict(), alerts=dict(self.tracker.alerts))
+                     schedule=self.schedule.state_dict(), alerts=dict(self.tracker.alerts),
+                     prior=None if self._prior is None else self._prior.state_dict())
         if self.curation is not None:
             state.update(self.curation.state_dict())
+            state["refresh"] = self._refresh.state_dict()
         return state
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
@@ -258,14 +272,20 @@ class JEPAScoreMonitor(Callback):
         self.schedule.load_state_dict(state_dict["schedule"])
         self._generator.set_state(state_dict["generator"])
         self.failures.load_state_dict(state_dict["failures"])
+        prior = state_dict.get("prior")  # absent from checkpoints of releases that read N(0, I) only
+        self._prior = None if prior is None else Whitening.from_state_dict(prior)
         if self.curation is not None:
             self.curation.load_state_dict(state_dict)
+            self._refresh.load_state_dict(state_dict.get("refresh"))
 
     # ------------------------------------------------------------------ configuration
     def scorer(self, pl_module: Any) -> Scorer:
-        """The :class:`~jepa_monitor.Scorer` of the module's current encoder and ``score_options``
-        (rank-synchronous under sharded training, see ``callbacks/_synchronous.py``)."""
+        """The :class:`~jepa_monitor.Scorer` of the module's current encoder and ``score_options``,
+        reading the embedding through the latest fitted Gaussian (``reading="fitted"``, once a held-out
+        evaluation has fitted one); rank-synchronous under sharded training (``callbacks/_synchronous.py``)."""
         scorer = build_scorer(pl_module, self.encoder, self.score_options)
+        if self.reading == "fitted":
+            scorer = scorer.replace(prior=self._prior)
         if self._sync_world is None or self._data is None:
             return scorer
         return SynchronousScorer(scorer, self._sync_world, self._data.rows(torch.arange(1), pl_module.device))
@@ -305,7 +325,7 @@ class JEPAScoreMonitor(Callback):
         elif self.tracker.anchor is not None:  # resumed: only check that the configuration still scores
             try:
                 x, side = self._data.rows(torch.arange(min(2, self._data.num_rows)), pl_module.device)
-                self.scorer(pl_module).score(x, **side)
+                self._embed_dim = self.scorer(pl_module).score(x, **side).embed_dim
             except Exception as err:
                 raise MisconfigurationException(f"{self._tag}: {_message(err)}") from err
 
@@ -315,17 +335,20 @@ class JEPAScoreMonitor(Callback):
         if self.disabled:
             return
         b = self._batches
-        timed = self.clock.batch_started()
-        if timed is not None:
-            self.schedule.note_batch(*timed)
+        if b > self._last_counted:  # once per batch, also when the start hook runs again after a resume
+            self._last_counted = b
+            self.schedule.note_batch(get_input(batch, self.input_key).shape[0], self._curation_passes)
+            self._curation_passes = 0
         if self.schedule.needs_plan():  # every rank alike: the batch count is the same everywhere
             self._plan(trainer)
         if self.curation is not None and self.tracker.latest_batch != b and self.policy.needs_refresh(b):
             self._heldout_evaluation(trainer, pl_module, "heldout", strict=False)
         if self.schedule.incoming_due(b, self.tracker.latest_batch) and not self.disabled:
             # Scored with the fit-start evaluation (same weights): part of its burst.
-            self._incoming_evaluation(trainer, pl_module, batch, burst=b == 0 and timed is None)
+            self._incoming_evaluation(trainer, pl_module, batch, burst=b == 0)
         if self.curation is not None and not self.curation.failures.disabled and not self.disabled:
+            if self.reading == "fitted" and self._refresh.due(b):
+                self._refresh_reading(pl_module)
             self._curate(trainer, pl_module, batch)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -364,8 +387,10 @@ class JEPAScoreMonitor(Callback):
     def _curate(self, trainer: Any, pl_module: Any, batch: Any) -> None:
         b = self._batches
         result = self.curation.curate(self.scorer(pl_module), batch, batch_index=b, step=trainer.global_step,
-                                      trust=self._trust, step_seconds=self.schedule.batch_seconds())
+                                      trust=self._trust, passes_per_row=self._embed_dim or 1)
         self.clock.add(result["seconds"], curation=True)
+        if "decision" in result:
+            self._curation_passes += int(result["decision"].n_scored) * (self._embed_dim or 1)
         if "decision" in result and trainer.log_every_n_steps and b % trainer.log_every_n_steps == 0:
             with self.report.guard("curated batch", b):
                 self.report.curated_batch(trainer, self.curation.metrics(result), result["weight"])
@@ -408,33 +433,82 @@ class JEPAScoreMonitor(Callback):
             self._flush_curated(trainer)
             return
         m = m.sorted_by_index()
+        self._embed_dim = int(m.embedding.shape[1])
         with self.report.guard(f"{split} set", self._batches):
-            trust = self._trust_evaluation(pl_module, m) if split == "heldout" else None
+            z = self._data.embed_rest(m.embedding, lambda: self.scorer(pl_module), pl_module.device) \
+                if split == "heldout" else m.embedding
+            if self.reading == "fitted":
+                m = self._read_through_fit(m, z, keep=split == "heldout")
+            trust = self._trust_evaluation(z, m) if split == "heldout" else None
             metrics, turned_on = self.tracker.heldout(split, m, self._batches, None if trust is None else trust.trust)
             metrics.update(self.report.rank_deficiency(split, m))
             self.report.alerts(turned_on, self._batches)
             if trust is not None:
                 metrics.update(trust.metrics)
                 if self.curation is not None:
+                    self._refresh.reset(m.scores, self._batches)
                     self._calibrate(m.scores, trust.trust)
             self._publish(trainer, split, m, metrics, images=data.x[m.index],
                           sample_ids=[data.ids[i] for i in m.index.tolist()])
         if split == "heldout":
             self._flush_curated(trainer)
 
-    def _trust_evaluation(self, pl_module: Any, m: mon.Measurement) -> mon.TrustResult:
-        """Trust from the embeddings of every kept held-out row (a forward pass each, on every rank
-        alike: the trust that gates curation must be the same everywhere). Never reused stale."""
+    def _read_through_fit(self, m: mon.Measurement, z: torch.Tensor, keep: bool) -> mon.Measurement:
+        """Fit the Gaussian of the held-out embeddings ``z`` (every embedded row; the scored rows
+        first), kept for what is scored next when ``keep`` (training's held-out evaluations; not
+        validate()/test()), and read the scored rows' prior cross-fitted (each through a
+        Gaussian fitted without it, :func:`jepa_monitor.reading.cross_fitted_log_prior`). When no
+        Gaussian can be fitted (a collapsed encoder) the previous one stays and the rows keep the
+        prior they were scored with."""
+        try:
+            fitted = fit_reading(z)
+            prior = cross_fitted_log_prior(z, m.num_rows)
+        except ValueError as err:
+            self.report.warn_once("fit", f"{self._tag}: no Gaussian could be fitted to the held-out embeddings at "
+                                         f"training batch {self._batches} ({err}); the previous reading is kept.")
+            return m
+        if keep:
+            self._prior = fitted
+        density = m.scores["jepa_score"].double() + prior
+        scores = dict(m.scores, log_prior=prior.float(), log_density=density.float())
+        return mon.Measurement(scores, m.n_floored, m.rank_dim, m.index, m.embedding, m.seconds)
+
+    def _trust_evaluation(self, z: torch.Tensor, m: mon.Measurement) -> mon.TrustResult:
+        """Trust of the reading in use, from the embeddings ``z`` of every kept held-out row (a forward
+        pass each, on every rank alike: the trust that gates curation must be the same everywhere).
+        Never reused stale."""
         self._trust = None
-        z = self._data.embed_rest(m.embedding, lambda: self.scorer(pl_module), pl_module.device)
-        result = mon.trust_metrics(self.keys, z, m.scores)
+        result = mon.trust_metrics(self.keys, z, m.scores, reading=self.reading)
         self._trust = result.trust
         self.report.trust(result, self._batches)
         return result
 
-    def _calibrate(self, scores: Dict[str, torch.Tensor], trust: Optional[float]) -> None:
+    def _refresh_reading(self, pl_module: Any) -> None:
+        """Read the policy's reference again through a Gaussian fitted to fresh held-out embeddings
+        (``callbacks/_refresh.py``); the same on every rank."""
+        refresh = self._refresh
+        rows = refresh.rows()
         try:
-            self.policy.calibrate(scores, step=self._batches, trust=trust)
+            with torch.inference_mode(False), torch.no_grad():
+                scorer = self.scorer(pl_module)
+                x, side = self._data.rows(torch.arange(self._data.num_rows), pl_module.device)
+                z = scorer.embed(x, **side).float().cpu()
+                xr, side_r = self._data.rows(rows, pl_module.device)
+                again = scorer.score(xr, **side_r).jepa_score
+            reference, self._prior = refresh.update(self._batches, rows, again, z, self._prior)
+        except Exception as err:  # a measurement: warn, keep the previous reading
+            refresh.last = self._batches
+            self.report.warn_once("refresh", f"{self._tag}: refreshing the fitted reading failed at training batch "
+                                             f"{self._batches} ({type(err).__name__}: {err}); the previous one is kept.")
+            return
+        cost = refresh_cost(self._data.num_rows, rows.numel(), self._embed_dim)
+        self._curation_passes += cost
+        self.curation.charge(cost)
+        self._calibrate(reference, self._trust, step=self.tracker.latest_batch)
+
+    def _calibrate(self, scores: Dict[str, torch.Tensor], trust: Optional[float], step: Optional[int] = None) -> None:
+        try:
+            self.policy.calibrate(scores, step=self._batches if step is None else step, trust=trust)
         except Exception as err:  # e.g. no finite held-out score after a divergence: keep the old threshold
             self.report.warn_once("calibrate", f"{self._tag}: policy calibration skipped ({type(err).__name__}: {err}).")
 
@@ -474,19 +548,21 @@ class JEPAScoreMonitor(Callback):
     def _plan(self, trainer: Any) -> None:
         """Rows and spacing of the next evaluations within the budget (``callbacks/_schedule.py``)."""
         incoming_on = self.incoming_every_n_steps is not None
-        measured = [(self.clock.evaluation["heldout"], self._scored_rows["heldout"]),
-                    (self.clock.evaluation["incoming"] if incoming_on else 0.0, self._scored_rows["incoming"])]
+        k = self._embed_dim or 1
+        heldout_rows = self._scored_rows["heldout"]
+        embedded = self._data.num_rows - heldout_rows if self._data is not None else 0  # trust rows: one pass each
+        measured = [(heldout_rows * k + embedded, heldout_rows),
+                    (self._scored_rows["incoming"] * k if incoming_on else 0, self._scored_rows["incoming"])]
         maxima = (min(self.heldout_max_samples, self._data.num_rows) if self._data is not None else self.heldout_max_samples,
                   self.incoming_max_rows)
+        early = self.policy is not None
         rows = self.schedule.replan(measured, maxima, self.tracker.latest_batch,
-                                    lambda proposal: gather_objects(proposal, trainer.world_size))
+                                    lambda proposal: gather_objects(proposal, trainer.world_size), early)
         if rows is not None:
             with self.report.guard("schedule", self._batches):
                 self.report.plan(trainer, gap=self.schedule.gap, budget=self.budget, rows=rows)
 
     def _time_metrics(self, seconds: float) -> Dict[str, float]:
-        if self.curation is not None and self.curation.over_budget():
-            self.report.curation_over_budget(self.curation_budget)
         return self.clock.metrics(self.keys, seconds, failures_total=self.failures.total, budget=self.budget,
                                   curation_budget=self.curation_budget, curating=self.curation is not None,
                                   gap=self.schedule.gap)

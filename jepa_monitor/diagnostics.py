@@ -64,6 +64,17 @@ becomes doubtful. Its factor is 1 / (1 + x²): 1 inside the null range, 0.5 at t
 names it. ``trust_score >= TRUST_THRESHOLD`` (0.5) therefore means "no diagnostic is past its
 doubt threshold".
 
+Readings. The rules above judge the isotropic reading, N(0, I). A reading through the Gaussian
+fitted to the held-out embeddings, N(μ, Σ) (:mod:`jepa_monitor.reading`, the monitor's default),
+absorbs any mean offset, scale and covariance: ``norm_mean``, ``mean_offset``, ``eig_max`` and
+``eig_min`` cannot make it wrong, and its trust is the minimum over ``FITTED_TRUST_KEYS`` (the
+shape left after whitening, which no Gaussian explains). A collapse to one point (``eig_max`` = 0)
+leaves no Gaussian to fit: trust 0. A direction no input moves (zero variance) is outside the
+numerical range the shape is measured on, and is read by the shrunk covariance as a constant.
+Blind spot of the fitted reading: well-separated clusters (a mixture) are one bimodal direction after
+whitening, which random 1-D projections average away from K ≈ 4 on (two clusters 10 standard
+deviations apart read trusted at K = 16); the density is then a Gaussian's, not the mixture's.
+
 Unknown (NaN). A score is never high while a diagnostic is blind. ``trust_score`` is NaN and
 ``weakest_diagnostic`` starts with "unknown" when
 
@@ -142,6 +153,8 @@ from .gaussianity import epps_pulley, random_directions
 TRUST_THRESHOLD = 0.5
 DISAGREEMENT_THRESHOLD = 0.1
 TRUST_KEYS = ("norm_mean", "mean_offset", "eig_max", "eig_min", "shape_epps_pulley", "shape_norm_cv_ratio")
+#: The diagnostics that can break a reading through the fitted Gaussian N(μ, Σ) (module doc, "Readings").
+FITTED_TRUST_KEYS = ("shape_epps_pulley", "shape_norm_cv_ratio")
 # Embedding rows per dimension the diagnostics should be given (see the module doc, "How many rows").
 MIN_ROWS_PER_DIM = 4
 REPORT_KEYS = (
@@ -353,15 +366,29 @@ def trust_factors(report: Mapping[str, float]) -> Dict[str, float]:
     return {key: 1.0 / (1.0 + x * x) for key, x in severities(report).items()}
 
 
-def _verdict(report: Mapping[str, float]) -> tuple:
+def trust_keys(reading: str = "isotropic") -> tuple:
+    """The scored diagnostics of a reading: all of ``TRUST_KEYS`` for "isotropic" (N(0, I)), the shape
+    alone (``FITTED_TRUST_KEYS``) for "fitted" (N(μ, Σ) absorbs any mean, scale and covariance)."""
+    if reading == "isotropic":
+        return TRUST_KEYS
+    if reading == "fitted":
+        return FITTED_TRUST_KEYS
+    raise ValueError(f"reading={reading!r} is not one of ('fitted', 'isotropic').")
+
+
+def _verdict(report: Mapping[str, float], reading: str = "isotropic") -> tuple:
     """(trust, weakest) following the rules of the module doc."""
+    keys = trust_keys(reading)
     n, k = float(report.get("n_samples", math.nan)), float(report.get("dim", math.nan))
     if _rows_insufficient(n, k):
         if math.isnan(n) or math.isnan(k):
             return math.nan, "unknown (n_samples or dim missing)"
         need = trust_rows(int(k)) if k >= 1 else 0
         return math.nan, f"unknown (N ≤ K + 1: {int(n)} rows for K = {int(k)}; use >= {need})"
-    factors = trust_factors(report)
+    if reading == "fitted" and not float(report.get("eig_max", math.nan)) > 0:
+        # Every embedding the same: there is no Gaussian to fit, whatever the shape keys say.
+        return 0.0, "collapsed (eig_max = 0)"
+    factors = {key: f for key, f in trust_factors(report).items() if key in keys}
     known = {key: f for key, f in factors.items() if not math.isnan(f)}
     blind = [key for key in factors if key not in known]
     worst = min(known, key=known.get) if known else None
@@ -372,20 +399,22 @@ def _verdict(report: Mapping[str, float]) -> tuple:
     return known[worst], (worst if known[worst] < 1.0 else "none")
 
 
-def trust_score(report: Mapping[str, float]) -> float:
+def trust_score(report: Mapping[str, float], reading: str = "isotropic") -> float:
     """min over the scored diagnostics of 1 / (1 + x²); >= TRUST_THRESHOLD iff none is past its
     doubt threshold. NaN ("unknown") when the report cannot support a verdict: N ≤ K + 1, or a
     scored diagnostic is undefined while no other one is past its doubt threshold (module doc,
-    "Unknown"). Never high while a diagnostic is blind."""
-    return _verdict(report)[0]
+    "Unknown"). Never high while a diagnostic is blind. ``reading``: which diagnostics are scored
+    (:func:`trust_keys`); "fitted" is also 0 when the embeddings have collapsed to one point."""
+    return _verdict(report, reading)[0]
 
 
-def weakest_diagnostic(report: Mapping[str, float]) -> str:
+def weakest_diagnostic(report: Mapping[str, float], reading: str = "isotropic") -> str:
     """The report key of the scored diagnostic with the lowest factor (the reason trust is low),
     "none" when every scored diagnostic is within its null range, or a string starting with
     "unknown (" that says why when :func:`trust_score` is NaN, e.g.
-    "unknown (N ≤ K + 1: 200 rows for K = 384; use >= 1536)"."""
-    return _verdict(report)[1]
+    "unknown (N ≤ K + 1: 200 rows for K = 384; use >= 1536)"; for ``reading="fitted"`` also
+    "collapsed (eig_max = 0)"."""
+    return _verdict(report, reading)[1]
 
 
 def rank_deficiency(

@@ -16,6 +16,13 @@ HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 Shrinkage = Union[str, float]
 #: Names accepted for the Ledoit–Wolf estimate of the shrinkage intensity.
 AUTO_SHRINKAGE = ("auto", "ledoit_wolf")
+#: The smallest shrinkage "auto" uses when Ledoit–Wolf alone leaves the covariance singular.
+AUTO_MIN_SHRINKAGE = 1e-6
+
+
+def _singular(cov: torch.Tensor) -> bool:
+    evals = torch.linalg.eigvalsh(cov)
+    return not bool(evals[0] > 1e-12 * evals[-1].abs().clamp_min(1e-300))
 
 
 def log_prior64(z: torch.Tensor) -> torch.Tensor:
@@ -54,8 +61,9 @@ def fit_gaussian(z: torch.Tensor, shrinkage: Shrinkage = 0.0) -> Tuple[torch.Ten
 
     The covariance is the maximum-likelihood one (divided by N), shrunk towards its average
     variance: Σ = (1 - α)·S + α·(tr S / K)·I, with α = ``shrinkage`` in [0, 1] or ``"auto"`` /
-    ``"ledoit_wolf"`` (estimated from the data). Raises when the rows do not vary at all (a
-    collapsed encoder has no covariance to fit).
+    ``"ledoit_wolf"`` (estimated from the data; raised to :data:`AUTO_MIN_SHRINKAGE` where that
+    alone leaves Σ singular, e.g. for two rows). Raises when the rows do not vary at all, up to
+    rounding (a collapsed encoder has no covariance to fit).
     """
     x = z.detach().to(torch.float64)
     n, k = x.shape
@@ -65,7 +73,8 @@ def fit_gaussian(z: torch.Tensor, shrinkage: Shrinkage = 0.0) -> Tuple[torch.Ten
     centred = x - mean
     cov = centred.T @ centred / n
     scale = cov.trace() / k
-    if not scale > 0:
+    # Relative: rows equal up to rounding (0.3 is not exact in binary) leave a trace of ~1e-31.
+    if not scale > 1e-12 * float(x.pow(2).mean()):
         raise ValueError(
             "the reference embeddings are all identical: the encoder has collapsed and there is "
             "no covariance to fit."
@@ -74,6 +83,11 @@ def fit_gaussian(z: torch.Tensor, shrinkage: Shrinkage = 0.0) -> Tuple[torch.Ten
         if shrinkage not in AUTO_SHRINKAGE:
             raise ValueError(f"shrinkage must be a number in [0, 1] or one of {AUTO_SHRINKAGE}; got {shrinkage!r}.")
         alpha = ledoit_wolf_shrinkage(centred)
+        if n <= 2 or alpha < AUTO_MIN_SHRINKAGE and _singular((1.0 - alpha) * cov + alpha * scale * torch.eye(
+                k, dtype=torch.float64, device=cov.device)):
+            # Ledoit–Wolf is exactly 0 for two rows (d and -d): the smallest shrinkage that keeps
+            # the promise of a positive-definite fit whenever the rows vary.
+            alpha = max(alpha, AUTO_MIN_SHRINKAGE)
     elif 0.0 <= float(shrinkage) <= 1.0:
         alpha = float(shrinkage)
     else:

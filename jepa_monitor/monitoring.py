@@ -169,17 +169,18 @@ class TrustResult:
 
 
 def trust_metrics(keys: MetricKeys, embedding: torch.Tensor, scores: Optional[Mapping[str, torch.Tensor]] = None,
-                  ) -> TrustResult:
+                  reading: str = "isotropic") -> TrustResult:
     """Can the held-out scores be read as a density? The Gaussianity report of ``embedding`` (all the
     embedded held-out rows, many more than the Jacobian-scored ones) and, when ``scores`` of the
     first rows are given, the Spearman agreement of jepa_score, log_density, Mahalanobis and kNN on
     half of them (the two baselines fitted on the other half). ``trust`` is NaN when it cannot be
-    told (too few rows: N <= K, see :func:`jepa_monitor.diagnostics.trust_score`)."""
+    told (too few rows: N <= K, see :func:`jepa_monitor.diagnostics.trust_score`); ``reading``
+    ("isotropic" or "fitted") is the reading the trust judges."""
     z = embedding[torch.isfinite(embedding).all(1)]
     if z.shape[0] < MIN_TRUST_ROWS:
         return TrustResult({keys.trust("score"): math.nan}, math.nan, f"unknown (only {z.shape[0]} finite rows)", [])
     report = gaussianity_report(z)
-    trust = float(trust_score(report))
+    trust = float(trust_score(report, reading))
     metrics = {keys.trust(k): float(report[k]) for k in REPORT_KEYS}
     metrics[keys.trust("score")] = trust
     disagreeing: List[str] = []
@@ -198,7 +199,7 @@ def trust_metrics(keys: MetricKeys, embedding: torch.Tensor, scores: Optional[Ma
             })
             metrics.update({keys.trust(f"agreement/{pair}"): float(rho) for pair, rho in agreement.items()})
             disagreeing = disagreement(agreement)
-    return TrustResult(metrics, trust, weakest_diagnostic(report), disagreeing)
+    return TrustResult(metrics, trust, weakest_diagnostic(report, reading), disagreeing)
 
 
 def is_trusted(trust: Optional[float]) -> bool:

@@ -64,7 +64,6 @@ from typing import Any, Dict, Mapping, Optional, Protocol, Union, runtime_checka
 
 import torch
 
-from .gaussian import gaussian_log_prior
 from .scorer import side_rows
 from .scores import COMPONENTS
 from .statistics import quantiles
@@ -427,7 +426,7 @@ class ThresholdPolicy:
         if embed_fn is not None and self.score_key != "jepa_score" and (
             self.score_key == "log_prior" or (self.gate and self.jacobian_range is not None)
         ):
-            cheap = gaussian_log_prior(embed_fn(x, **(side or {}))).to(device)
+            cheap = scorer.log_prior(embed_fn(x, **(side or {}))).to(device=device, dtype=torch.float32)
 
         if cheap is None:
             full = torch.ones(n, dtype=torch.bool, device=device)

@@ -24,11 +24,11 @@ from torch import nn
 
 from ._guards import scoring_context
 from .approx import slq_chunk
-from .gaussian import log_prior64
 from .jacobian import Vectorize, differentiation_point, embedding_and_gram, full_jacobian_bytes
 from .logdet import PAPER_ABS_FLOOR, half_logdet
 from .outputs import OutputSelector, Pooling, embed, select_output
 from .progress import progress_bar
+from .reading import log_prior
 from .scores import SampleScores
 from .whitening import Whitening, whiten
 
@@ -63,6 +63,10 @@ class Scorer:
             (e.g. the token embedding of a language model, so integer ids can be scored).
         whitening: a :class:`~jepa_monitor.whitening.Whitening` fitted on reference embeddings:
             score ``W(f(x) - μ)`` instead of f(x) (see :mod:`jepa_monitor.whitening`).
+        prior: the Gaussian ``log_prior`` reads the embedding through: a fitted
+            :class:`~jepa_monitor.whitening.Whitening` (``log N(z; μ, Σ)``, see
+            :mod:`jepa_monitor.reading`), or None for the paper's N(0, I). ``jepa_score`` does not
+            depend on it.
         method: "exact" (K input-VJPs per sample) or "slq" (stochastic Lanczos quadrature; see
             :mod:`jepa_monitor.approx` for when it ranks well).
         paper: reproduce the paper's listing: singular values clipped at an absolute 1e-6.
@@ -98,6 +102,7 @@ class Scorer:
     approx_options: Optional[dict] = None
     mask_key: str = "attention_mask"
     progress: bool = False
+    prior: Optional[Whitening] = None
 
     def __post_init__(self) -> None:
         if not callable(self.encoder):
@@ -132,6 +137,11 @@ class Scorer:
         _check_input(x, input_module=self.input_module, need_float=False)
         with scoring_context(self.encoder, x.device), torch.no_grad():
             return self._embedding(x, side).detach()
+
+    def log_prior(self, z: torch.Tensor) -> torch.Tensor:
+        """The prior term of embeddings ``z`` (B, K) as :meth:`score` reads it (under ``prior``),
+        float64 (B,): with :meth:`embed`, the cheap part of ``log_density``."""
+        return log_prior(z, self.prior)
 
     # ------------------------------------------------------------------ the score
     def score(self, x: torch.Tensor, **side: Any) -> SampleScores:
@@ -182,7 +192,7 @@ class Scorer:
         # (e.g. an exact Gaussianizing map) must give log_density to float64 accuracy before rounding.
         z = torch.cat(zs)
         score64 = torch.cat(ss)
-        prior64 = log_prior64(z)
+        prior64 = self.log_prior(z)
         return SampleScores(
             jepa_score=score64.to(torch.float32),
             log_prior=prior64.to(torch.float32),

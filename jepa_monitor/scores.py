@@ -16,10 +16,11 @@ class SampleScores:
 
     Attributes:
         jepa_score: Σ log σₖ(J_f(x)) over the rank, float32 (B,). Higher = more probable.
-        log_prior: isotropic standard-Gaussian log-density of the embedding,
-            -½‖f(x)‖² - K/2·log 2π, float32 (B,).
+        log_prior: log-density of the embedding under the Gaussian it is read through
+            (:mod:`jepa_monitor.reading`): log N(f(x); μ, Σ) for a fitted Gaussian, or the paper's
+            -½‖f(x)‖² - K/2·log 2π under N(0, I); float32 (B,).
         log_density: ``jepa_score + log_prior``, float32 (B,): exactly log p(x) when f maps the
-            data bijectively onto a standard Gaussian.
+            data bijectively onto that Gaussian.
         n_floored: how many of the min(K, D) singular values were raised to the floor, int64 (B,).
             Non-zero means the Jacobian is (numerically) rank-deficient for that sample.
         embedding: f(x) after output selection and pooling, float32 (B, K), detached.

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from jepa_monitor import score_samples
 from jepa_monitor.callbacks import JEPAScoreMonitor
 from jepa_monitor.export import read_scores
+from jepa_monitor.reading import cross_fitted_log_prior, fit_reading
 
 D, K = 6, 3
 
@@ -105,7 +106,7 @@ def test_reference_scalars_and_export_match_direct_scoring(tmp_path):
     model = TinyModule()
     held = DictData(20, seed=1, augment=False)
     ref = direct_scores(model, held.x)  # the untrained model, exactly what fit start sees
-    cb = monitor(heldout=held.x, incoming_every_n_steps=None, every_n_steps=100)
+    cb = monitor(heldout=held.x, incoming_every_n_steps=None, every_n_steps=100, reading="isotropic")
     logger = CSVLogger(tmp_path, name="csv")
     trainer(tmp_path, [cb], logger=logger).fit(model, train_loader())
     for c in ("jepa_score", "log_prior", "log_density"):
@@ -125,6 +126,27 @@ def test_reference_scalars_and_export_match_direct_scoring(tmp_path):
     np.testing.assert_array_equal(out["sample_id"][first][:20], [str(i) for i in range(20)])
     np.testing.assert_array_equal(out["jepa_score"][first][:20], ref.jepa_score.double().numpy())
     np.testing.assert_array_equal(out["n_floored"][first][:20], ref.n_floored.numpy())
+
+
+def test_fitted_reading_reads_heldout_rows_cross_fitted_and_incoming_rows_through_the_fit(tmp_path):
+    """The default reading: held-out rows get log N(z; μ, Σ) of a Gaussian fitted without their fold,
+    incoming rows the Gaussian fitted on every held-out row; jepa_score is the plain score."""
+    pl.seed_everything(0)
+    model = TinyModule()
+    held = DictData(20, seed=1, augment=False)
+    ref = direct_scores(model, held.x)
+    cb = monitor(heldout=held.x, incoming_every_n_steps=None, every_n_steps=100)
+    trainer(tmp_path, [cb], max_steps=1).fit(model, train_loader())
+    prior = cross_fitted_log_prior(ref.embedding, 20).float()
+    torch.testing.assert_close(cb.reference["jepa_score"], ref.jepa_score, rtol=0, atol=0)
+    torch.testing.assert_close(cb.reference["log_prior"], prior, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(cb.reference["log_density"], (ref.jepa_score.double() + prior.double()).float(),
+                               rtol=1e-6, atol=1e-5)
+    fitted = fit_reading(ref.embedding)
+    scorer = cb.scorer(model)
+    x = DictData(6, seed=3, augment=False).x
+    torch.testing.assert_close(scorer.score(x).log_prior.double(), fitted.log_prob(scorer.embed(x)),
+                               rtol=1e-6, atol=1e-5)
 
 
 def test_zero_observer_effect_bitwise(tmp_path):
@@ -320,7 +342,7 @@ def test_heldout_from_a_saved_file(tmp_path):
     pl.seed_everything(0)
     model = TinyModule()
     expected = direct_scores(model, held.x).log_density
-    cb = monitor(heldout=str(tmp_path / "held.pt"), incoming_every_n_steps=None)
+    cb = monitor(heldout=str(tmp_path / "held.pt"), incoming_every_n_steps=None, reading="isotropic")
     trainer(tmp_path, [cb]).fit(model, train_loader())
     torch.testing.assert_close(cb.reference["log_density"], expected, rtol=0, atol=0)
     out = read_scores(cb.export_file)
@@ -339,7 +361,7 @@ def test_trust_diagnostics_logged_and_match_the_core(tmp_path):
     trainer(tmp_path, [cb], logger=csvl).fit(model, train_loader())
     row = next(r for r in csv_metrics(csvl) if r.get("jepa/trust/score"))
     report = gaussianity_report(ref.embedding)
-    assert float(row["jepa/trust/score"]) == pytest.approx(trust_score(report), rel=1e-6)
+    assert float(row["jepa/trust/score"]) == pytest.approx(trust_score(report, "fitted"), rel=1e-6)
     for key in REPORT_KEYS:
         assert float(row[f"jepa/trust/{key}"]) == pytest.approx(report[key], rel=1e-6, abs=1e-12), key
     assert "jepa/trust/agreement/jepa_score_vs_log_density" in row

@@ -220,13 +220,13 @@ def test_curation_warns_once_when_most_rows_are_decided_from_an_estimate():
         def decide_batch(self, scorer, x, step, trust, side=None):
             n = x.shape[0]
             return Decision(torch.ones(n, dtype=torch.bool), torch.ones(n), torch.full((n,), float("nan")), 1.0, True,
-                            n_scored=1, n_estimated=n - 1)
+                            n_scored=1, n_estimated=n - 1, n_gated=0)
 
     cur = Curation(Blind(), MetricKeys("jepa"), "tag", input_key="x", id_key=None, side_keys={},
                    weight_key="sample_weight", max_failures=3)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for b in range(3):
-            cur.curate(SimpleNamespace(), {"x": torch.zeros(8, 2)}, batch_index=b, step=b, trust=None)
+            cur.curate(SimpleNamespace(), {"x": torch.zeros(8, 2)}, batch_index=b, step=b, trust=None, passes_per_row=2)
     msgs = [str(w.message) for w in caught if "from an estimate" in str(w.message)]
     assert len(msgs) == 1 and "decided 7 of 8 rows" in msgs[0] and "gate_budget" in msgs[0]

@@ -95,15 +95,16 @@ class Recorder(pl.LightningModule):
         return torch.optim.SGD(self.head.parameters(), lr=1e-3)
 
 
-def run(policy, tmp_path, export=False, curation_budget=None):
-    # curation_budget=None: the decisions below are checked against the exact density row by row;
-    # the pacing (which decides some rows from an estimate) has its own test.
+def run(policy, tmp_path, export=False, curation_budget=None, reading="isotropic"):
+    # curation_budget=None and the isotropic reading (the encoder maps the data exactly onto N(0, I)):
+    # the decisions below are checked against the exact density row by row; the pacing (which decides
+    # some rows from an estimate) and the fitted reading (an estimate of N(0, I)) have their own test.
     a, x, junk, heldout = make_world()
     model = Recorder(a)
     monitor = JEPAScoreMonitor(
         encoder="encoder", heldout=heldout, heldout_max_samples=256, every_n_steps=10_000,
         input_key="x", id_key="id", incoming_every_n_steps=None, policy=policy, export=export,
-        num_images=0, curation_budget=curation_budget,
+        num_images=0, curation_budget=curation_budget, reading=reading,
     )
     trainer = pl.Trainer(
         max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
@@ -138,13 +139,14 @@ def test_drop_keeps_shifted_rows_out_of_training_step(tmp_path):
 
 
 def test_paced_drop_still_keeps_shifted_rows_out(tmp_path):
-    """The monitor's default curation_budget: Jacobian rows per batch are paced, the rest decided from
-    the gate's estimate. The far-shifted rows are decided exactly by the gate (their prior alone puts
-    them below the threshold), so pacing must not let them in; only rows near the threshold may differ."""
+    """The monitor's defaults: the fitted reading, and Jacobian rows per batch paced, the rest decided
+    from the gate's estimate. The far-shifted rows are decided exactly by the gate (their prior alone
+    puts them below the threshold), so pacing must not let them in; only rows near the threshold may
+    differ from the exact density."""
     policy = Drop(quantile=0.05)
-    model, monitor, a, x, junk = run(policy, tmp_path, curation_budget=0.25)
+    model, monitor, a, x, junk = run(policy, tmp_path, curation_budget=0.25, reading="fitted")
     pacer = monitor.curation.pacer
-    assert pacer is not None and pacer.first  # it measured a batch with Jacobian rows
+    assert pacer is not None and pacer.spent_total > 0  # it paid for Jacobian rows
     seen = torch.zeros(N_STREAM, dtype=torch.bool)
     seen[torch.cat(model.seen_ids)] = True
     assert (~seen[junk]).float().mean() >= 0.90

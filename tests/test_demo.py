@@ -7,7 +7,8 @@ import torch
 
 from jepa_monitor import cli
 from jepa_monitor.demo.data import KINDS, DigitStream, make_splits
-from jepa_monitor.demo.run import OUTLIER_KINDS, DemoConfig, dropped_by_kind, format_summary, run_demo
+from jepa_monitor.demo.run import (EVAL_SCORES, OUTLIER_KINDS, DemoConfig, dropped_by_kind, format_summary,
+                                   junk_share_by_quarter, run_demo)
 from jepa_monitor.export import read_scores
 
 
@@ -29,7 +30,7 @@ def test_dropped_by_kind_counts_rows_that_never_trained():
 def _check_run(result, logdir, steps, batch):
     assert set(result.auroc) == set(OUTLIER_KINDS)
     for row in result.auroc.values():
-        assert set(row) == {"jepa_score", "log_density", "knn", "mahalanobis"}
+        assert set(row) == set(EVAL_SCORES)
         assert all(0.0 <= v <= 1.0 for v in row.values())
     assert sum(result.counts.values()) == steps * batch
     assert list((logdir / "digits" / "filtered").glob("events.out.tfevents.*"))
@@ -57,35 +58,37 @@ def test_demo_smoke(tmp_path, capsys):
     assert "heldout" in capsys.readouterr().out
 
 
+def test_junk_share_by_quarter_counts_what_reached_training():
+    stream = DigitStream(make_splits(), 8 * 10, seed=1)
+    seen = [torch.arange(b * 10, b * 10 + 10) for b in range(8)]
+    seen[1] = seen[1][stream.kinds[10:20] == 0]  # batch 1 lost every junk row
+    out = junk_share_by_quarter(stream, seen, 10, 8)
+    junk = ((stream.kinds >= 1) & (stream.kinds <= 4)).double()
+    assert out[0][1] == pytest.approx(float(junk[:20].mean()))
+    assert out[0][0] == pytest.approx(float(junk[:10].sum() / (10 + seen[1].numel())))
+    assert out[1] == pytest.approx((float(junk[20:40].mean()), float(junk[20:40].mean())))
+
+
 @pytest.mark.slow
 def test_demo_full_run_catches_junk(tmp_path):
-    # Unpaced: the default curation_budget=0.2 drops about a quarter of the junk, depending on the machine's
-    # speed (README, demo section); the Jacobian-paid rate is what is checked here.
-    cfg = DemoConfig(logdir=str(tmp_path), progress=False, curation_budget=None)
+    """Issue 17's targets with the library's defaults (the wall-time ratio is a benchmark, not a test)."""
+    cfg = DemoConfig(logdir=str(tmp_path), progress=False)
     result = run_demo(cfg)
     _check_run(result, tmp_path, cfg.steps, cfg.batch_size)
     print(format_summary(result))
-    # Thresholds from the measured run recorded in the demo helper's report, with margin.
     for kind in ("noise", "permuted"):
-        assert result.auroc[kind]["jepa_score"] > 0.9
-        assert result.dropped[kind] > 0.5
-    assert result.dropped["clean"] < 0.2
+        assert result.dropped[kind] >= 0.6
+    assert result.dropped["clean"] <= 2 * cfg.quantile
+    assert all(kept < 0.75 * stream for kept, stream in result.quarters)
     assert result.probe["filtered"] > 0.85 and result.probe["unfiltered"] > 0.85
 
 
-# The demo's summary, checked in CI: a short, deterministic configuration of the filtered run (seed 0,
-# 300 steps x 128 rows, no unfiltered comparison run, one thread: about 27 s of CPU). Measured with
-# torch 2.13.0+cpu: log_density AUROC noise 0.983, permuted 0.776; dropped noise 77.6%, permuted
-# 46.3%, clean 3.6% (Drop quantile 0.05, warmup 60 batches); probe 0.950. The thresholds leave margin
-# on those numbers and fail when junk stops being caught (chance is 0.5; jepa_score alone gives
-# permuted 0.475 here). Short runs are trajectory-sensitive: over seeds 0-4 at 300 steps the noise
-# AUROC was 0.983, 0.984, 0.972, 0.567, 0.898 (permuted 0.776-0.983, dropped noise 51-78%, clean
-# 3.6-7.2%), so a change that perturbs training (another torch, another seed) can move them; see
-# BENCHMARKS.md, "Alerts: false alarms and delay".
-# curation_budget=None: the decisions do not depend on how fast this machine is (the paced default
-# decides more rows from an estimate when a batch's Jacobian rows are not paid for; its deterministic
-# guarantees are tested in test_curation_training.py::test_paced_drop_still_keeps_shifted_rows_out).
-SHORT_DEMO = dict(steps=300, batch_size=128, seed=0, compare=False, progress=False, threads=1, curation_budget=None)
+# The demo's summary, checked in CI: a short configuration of the filtered run with the library's
+# defaults (seed 0, 300 steps x 128 rows, no unfiltered comparison run, one thread). Curation is paced
+# by counts, so the run is the same on any machine. Measured with torch 2.13.0+cpu: fit_density AUROC
+# noise 0.896, permuted 0.952; dropped noise 63.9%, permuted 66.0%, clean 7.7%; probe 0.956. The
+# thresholds leave margin on those numbers and fail when junk stops being caught.
+SHORT_DEMO = dict(steps=300, batch_size=128, seed=0, compare=False, progress=False, threads=1)
 
 
 def test_demo_summary_short_run_catches_junk(tmp_path):
@@ -95,10 +98,11 @@ def test_demo_summary_short_run_catches_junk(tmp_path):
     print(text)
     assert set(result.probe) == {"filtered"} and result.probe["filtered"] > 0.9
     assert sum(result.counts.values()) == cfg.steps * cfg.batch_size
-    assert result.auroc["noise"]["log_density"] >= 0.9, result.auroc["noise"]
-    assert result.auroc["permuted"]["log_density"] >= 0.7, result.auroc["permuted"]
+    assert result.auroc["noise"]["fit_density"] >= 0.8, result.auroc["noise"]
+    assert result.auroc["permuted"]["fit_density"] >= 0.85, result.auroc["permuted"]
     assert result.dropped["noise"] >= 0.5
-    assert result.dropped["permuted"] >= 0.3
+    assert result.dropped["permuted"] >= 0.5
+    assert all(kept < 0.75 * stream for kept, stream in result.quarters)
     # "the dropped fraction of clean rows stays <= 2x the quantile", and the policy did act on them
     assert 0.0 < result.dropped["clean"] <= 2 * cfg.quantile
     # the summary prints those numbers
@@ -106,7 +110,7 @@ def test_demo_summary_short_run_catches_junk(tmp_path):
         row = next(line for line in text.splitlines() if line.strip().startswith(kind + " "))
         assert f"{result.dropped[kind]:.1%}" in row and str(result.counts[kind]) in row
     for kind in ("noise", "permuted"):
-        assert f"{result.auroc[kind]['log_density']:.3f}" in next(
+        assert f"{result.auroc[kind]['fit_density']:.3f}" in next(
             line for line in text.splitlines() if line.strip().startswith(kind + " "))
 
 

@@ -292,7 +292,7 @@ def test_log_prior_needs_no_jacobian_and_jepa_score_cannot_be_gated():
     reference = {"jepa_score": s.jepa_score, "log_prior": s.log_prior, "log_density": s.log_density}
     prior = Drop(warmup=0, score_key="log_prior")
     prior.calibrate(reference)
-    d = prior.decide_batch(SimpleNamespace(score=score_fn, embed=Scorer(enc).embed), x, 0)
+    d = prior.decide_batch(SimpleNamespace(score=score_fn, embed=Scorer(enc).embed, log_prior=Scorer(enc).log_prior), x, 0)
     assert calls == [] and d.n_scored == 0
     expected = gaussian_log_prior(enc(x).detach())
     torch.testing.assert_close(d.scores, expected)

@@ -12,36 +12,47 @@ from test_callback import TinyModule, monitor, train_loader, trainer
 
 def test_gap_keeps_evaluation_cost_within_the_budget():
     s = Schedule(None, "auto", budget=0.05)
-    assert s.propose_gap(1.0) is None  # nothing timed yet
-    for t in (0.10, 0.30, 0.10, 0.12, 0.08):  # median training batch: 0.10 s
-        s.note_batch(t, 0.0)
-    # E / (budget * s) = 2.0 / 0.005 = 400 batches: 2 s of evaluation per 40 s of training = 5 %.
-    assert s.propose_gap(2.0) == 400
-    assert s.propose_gap(2.0) * 0.10 * 0.05 >= 2.0
+    assert s.propose_gap(1.0) is None  # nothing counted yet
+    for rows in (100, 300, 100, 120, 80):  # median training batch: 100 rows, 100 passes
+        s.note_batch(rows, 0)
+    # E / (budget * s) = 2000 / 5 = 400 batches: 2000 passes of evaluation per 40 000 of training = 5 %.
+    assert s.propose_gap(2000) == 400
+    assert s.propose_gap(2000) * 100 * 0.05 >= 2000
     assert s.propose_gap(1e-9) == 1
 
 
-def test_evaluations_are_a_share_of_the_wall_time_curation_included():
+def test_evaluations_are_a_share_of_training_passes_curation_included():
     s = Schedule(None, "auto", budget=0.2)
-    assert s.batch_seconds() is None
     for _ in range(WARMUP_BATCHES):
-        s.note_batch(0.10, 0.02)  # curation (its own budget): 0.02 s of every 0.12 s batch
-    assert s.batch_seconds() == pytest.approx(0.10)
-    assert s.propose_gap(1.0) == math.ceil(1.0 / (0.2 * 0.12))
+        s.note_batch(100, 20)  # curation (its own budget): 20 passes on every 100-row batch
+    assert s.propose_gap(1000) == math.ceil(1000 / (0.2 * 120))
+
+
+def test_early_evaluations_double_their_gap_up_to_the_plan():
+    s = Schedule(None, "auto", budget=0.05)
+    batch = 0
+    seen = []
+    for _ in range(6):
+        s.plan(batch, 400, early=True)
+        batch = s.next_heldout
+        seen.append(batch)
+    assert seen == [50, 100, 200, 400, 800, 1200]  # doubling while it is below the planned 400
+    s.plan(0, 400)
+    assert s.next_heldout == 400  # without a policy: the plan alone
 
 
 def test_rows_shrink_before_the_gap_grows_past_the_target():
     s = Schedule(None, "auto", budget=0.05)
-    assert s.propose_rows((2.0, 128), (0.2, 16), (128, 16)) is None  # nothing timed yet
+    assert s.propose_rows((2000, 128), (200, 16), (128, 16)) is None  # nothing counted yet
     for _ in range(WARMUP_BATCHES):
-        s.note_batch(0.10, 0.0)  # room: 0.005 s of evaluation per batch, 5 s per TARGET_GAP batches
-    assert TARGET_GAP * 0.005 == pytest.approx(5.0)
-    assert s.propose_rows((2.0, 128), (0.2, 16), (128, 16)) == (128, 16)  # 2.2 s: within the target
-    # 6.05 s at full rows: scaled by 5 / 6.05 (the cost measured at 64 held-out rows, per row)
-    assert s.propose_rows((2.75, 64), (0.55, 16), (128, 16)) == (int(128 * 5 / 6.05), int(16 * 5 / 6.05))
-    assert s.propose_rows((20.0, 128), (2.0, 16), (128, 16)) == (MIN_HELDOUT_ROWS, MIN_INCOMING_ROWS)
-    assert s.propose_rows((20.0, 50), (2.0, 4), (50, 4)) == (50, 4)  # maxima below the floors: kept
-    assert s.propose_rows((8.0, 128), (0.0, 0), (128, 16)) == (80, 10)  # no incoming evaluations: held-out alone
+        s.note_batch(100, 0)  # room: 5 passes of evaluation per batch, 5000 per TARGET_GAP batches
+    assert TARGET_GAP * 5 == 5000
+    assert s.propose_rows((2000, 128), (200, 16), (128, 16)) == (128, 16)  # 2200 passes: within the target
+    # 6050 passes at full rows: scaled by 5000 / 6050 (the cost at 64 held-out rows, per row)
+    assert s.propose_rows((2750, 64), (550, 16), (128, 16)) == (int(128 * 5000 / 6050), int(16 * 5000 / 6050))
+    assert s.propose_rows((20000, 128), (2000, 16), (128, 16)) == (MIN_HELDOUT_ROWS, MIN_INCOMING_ROWS)
+    assert s.propose_rows((20000, 50), (2000, 4), (50, 4)) == (50, 4)  # maxima below the floors: kept
+    assert s.propose_rows((8000, 128), (0, 0), (128, 16)) == (80, 10)  # no incoming evaluations: held-out alone
 
 
 def test_monitor_scores_fewer_rows_when_evaluations_would_be_rare(tmp_path):
@@ -60,56 +71,40 @@ def test_monitor_scores_fewer_rows_when_evaluations_would_be_rare(tmp_path):
     assert resumed.schedule.rows == cb.schedule.rows
 
 
-def _paced_run(pacer, step, cost, batches, gate_budget=16):
-    """Simulated curation: a batch costs cost(rows) seconds; returns the rows of every batch."""
+def _paced_run(pacer, batches, batch_rows=128, passes_per_row=16, gate_budget=16):
+    """Simulated curation: every batch may score its undecided rows (at most gate_budget) within the
+    pacer's cap; returns the rows of every batch."""
     rows = []
     for _ in range(batches):
-        cap = pacer.max_rows(step)
-        r = gate_budget if cap is None else min(cap, gate_budget)
-        pacer.spent(step, cost(r), r)
+        r = min(pacer.max_rows(batch_rows, passes_per_row), gate_budget)
+        pacer.spent(batch_rows, r, passes_per_row)
         rows.append(r)
     return rows
 
 
 def test_pacer_keeps_curation_within_its_share_of_the_training_batch():
-    # The demo's shape: 30 ms batches, 5 ms embedding forward, Jacobian rows 3 ms + 1.1 ms per row.
-    cost = lambda r: 0.005 + (0.003 + 0.0011 * r if r else 0.0)  # noqa: E731
-    pacer = CurationPacer(0.25)
-    rows = _paced_run(pacer, 0.030, cost, 400)
-    spent = sum(cost(r) for r in rows)
-    assert rows[0] == 16  # not paced before a batch with Jacobian rows was measured
-    assert spent <= 0.25 * 0.030 * 400 + 4 * 0.25 * 0.030 + cost(16)  # the share, the burst, the first batch
-    assert spent >= 0.9 * 0.25 * 0.030 * 400  # ... and the allowance is used, not wasted
-    assert 0 < sum(rows[50:]) / 350 < 16 and not pacer.over_budget()
-    # Saving up: the fixed cost is paid by few batches, each scoring several rows.
-    assert max(rows[50:]) >= 8 and sum(r > 0 for r in rows[50:]) < 350 / 4
-    assert pacer.row_cost()[1] == pytest.approx(0.0011 + 0.003 / max(rows[50:]), rel=1e-6)
-    # A one-off cost at the first batch (the scorer's "auto" timing: 0.2 s) does not stop the pacing.
-    first = {"done": False}
-
-    def once(r):
-        extra = 0.2 if r and not first["done"] else 0.0
-        first["done"] = first["done"] or r > 0
-        return cost(r) + extra
-
-    # A batch slowed by something else on the machine (1 s) is charged its modelled cost.
-    spiky = CurationPacer(0.25)
-    rows = _paced_run(spiky, 0.030, cost, 100)
-    spiky.spent(0.030, 1.0, 0)
-    assert sum(_paced_run(spiky, 0.030, cost, 40)) > 0
-    warm = CurationPacer(0.25)
-    rows = _paced_run(warm, 0.030, once, 400)
-    assert sum(rows[100:]) >= 0.5 * sum(r for r in _paced_run(CurationPacer(0.25), 0.030, cost, 400)[100:]) > 0
-    # A budget below the embedding's cost: no Jacobian rows after the first, and it says so.
-    poor = CurationPacer(0.05)
-    rows = _paced_run(poor, 0.030, cost, 100)
-    assert sum(rows[1:]) == 0 and poor.over_budget()
-    early = CurationPacer(0.25)
-    _paced_run(early, 0.030, cost, 3)  # the first, unpaced batch costs 4 allowances: not a verdict yet
-    assert early.spent_total > 1.5 * early.earned_total and not early.over_budget()
-    assert CurationPacer(0.25).max_rows(None) is None
+    # The demo's shape: 128-row batches, K = 16 passes per Jacobian row, 0.2 of a batch's passes.
+    pacer = CurationPacer(0.2)
+    rows = _paced_run(pacer, 400)
+    allowance = 0.2 * 128
+    spent = 16 * sum(rows)
+    assert spent <= allowance * 400 + 4 * allowance  # the share, and at most the burst beyond it
+    assert spent >= allowance * 400 - 4 * allowance - 16  # ... and the allowance is used, not wasted
+    assert pacer.spent_total == spent and pacer.earned_total == pytest.approx(allowance * 400)
+    # Saving up: rows come in whole bursts of the credit (4 allowances: 6-7 rows), not 1-2 every batch.
+    assert set(rows) == {0, 6, 7} and sum(r > 0 for r in rows) == pytest.approx(16 * sum(rows) / 16 / 6.4, abs=3)
+    # Other curation work (a refresh) is paid from the same credit: the next rows wait.
+    pacer.charge(10 * 16 * 6)
+    assert _paced_run(pacer, 30) == [0] * 30
+    # The same counts give the same rows: nothing measured enters.
+    assert _paced_run(CurationPacer(0.2), 400) == rows
+    # A cap below one row's cost still allows one row per burst.
+    assert set(_paced_run(CurationPacer(0.01), 200)) <= {0, 1}
     with pytest.raises(ValueError, match="curation_budget"):
         CurationPacer(0.0)
+    resumed = CurationPacer(0.2)
+    resumed.load_state_dict(pacer.state_dict())
+    assert _paced_run(resumed, 50) == _paced_run(pacer, 50)
 
 
 def test_fixed_cadence_and_incoming_modes():

@@ -256,6 +256,7 @@ def test_monitor_scores_token_batches_with_the_attention_mask(tmp_path):
         every_n_steps=2,
         incoming_every_n_steps=1,
         incoming_max_rows=4,
+        reading="isotropic",  # compared with direct scoring, which reads N(0, I)
     )
     trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(tmp_path),

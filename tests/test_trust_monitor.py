@@ -43,11 +43,11 @@ class Module(pl.LightningModule):
         return torch.optim.SGD([self.w], lr=0.1)
 
 
-def trust_at_fit_start(kind: str, heldout_rows: int, tmp_path) -> float:
+def trust_at_fit_start(kind: str, heldout_rows: int, tmp_path, reading: str = "fitted") -> float:
     g = torch.Generator().manual_seed(0)
     a = torch.randn(K, K, generator=g) / math.sqrt(K) + torch.eye(K)
     x = torch.randn(heldout_rows, K, generator=g) @ a.T
-    monitor = JEPAScoreMonitor("encoder", heldout=x, export=False)  # the defaults otherwise
+    monitor = JEPAScoreMonitor("encoder", heldout=x, export=False, reading=reading)  # the defaults otherwise
     trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, callbacks=[monitor],
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     with warnings.catch_warnings():
@@ -65,10 +65,16 @@ def test_gaussianizing_encoder_reads_trusted(tmp_path):
     assert trust_at_fit_start("gaussian", 4 * K, tmp_path) >= 0.9
 
 
-@pytest.mark.parametrize("kind", ["l2", "low_rank"])
-def test_l2_normalised_and_low_rank_encoders_read_untrusted(kind, tmp_path):
-    trust = trust_at_fit_start(kind, 4 * K, tmp_path)
+@pytest.mark.parametrize("kind,reading", [("l2", "fitted"), ("l2", "isotropic"), ("low_rank", "isotropic")])
+def test_l2_normalised_and_low_rank_encoders_read_untrusted(kind, reading, tmp_path):
+    trust = trust_at_fit_start(kind, 4 * K, tmp_path, reading)
     assert not math.isnan(trust) and trust < 0.5
+
+
+def test_low_rank_encoder_is_a_density_on_its_rank_under_the_fitted_reading(tmp_path):
+    # The fitted Gaussian reads the directions no input moves as constants: the shape of the rest is
+    # Gaussian, so the fitted reading is trusted (the rank deficiency is reported by systematic_floored).
+    assert trust_at_fit_start("low_rank", 4 * K, tmp_path, "fitted") >= 0.5
 
 
 def test_too_few_rows_read_unknown_not_trusted(tmp_path):

@@ -4,7 +4,8 @@ One run trains :class:`~.lit.DigitJEPA` on a :class:`~.data.DigitStream` with
 :class:`~jepa_monitor.callbacks.JEPAScoreMonitor` and a ``Drop`` policy attached, logging to
 TensorBoard under ``<logdir>/digits/filtered``; a second run on the same stream without the policy
 (``<logdir>/digits/unfiltered``) gives the linear-probe comparison. Then every score is evaluated on
-test digits never trained on against each kind of junk made from them.
+test digits never trained on against each kind of junk made from them. The monitor and the policy
+run with the library's defaults (count-paced curation: the same seed curates the same rows).
 """
 
 from __future__ import annotations
@@ -21,11 +22,16 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..evaluation import fit_baselines, ood_metrics, score_columns
+from ..reading import fit_reading, log_prior
 from ..scoring import score_samples
 from .data import JUNK_KINDS, KINDS, DigitSplits, DigitStream, junk_eval_sets, make_splits, normalise
 from .probe import probe_accuracy
 
-EVAL_SCORES = ("jepa_score", "log_density", "knn", "mahalanobis")
+#: The demo table's columns: JEPA-SCORE; log_density read through N(0, I) (the paper) and through the
+#: Gaussian fitted to the reference embeddings (the monitor's default reading); the kNN and
+#: Mahalanobis baselines, fitted on the reference.
+EVAL_SCORES = ("jepa_score", "iso_density", "fit_density", "knn", "mahalanobis")
+QUARTERS = 4
 OUTLIER_KINDS = JUNK_KINDS + ("novel_class",)
 
 
@@ -59,6 +65,9 @@ class DemoResult:
     counts: Dict[str, int] = field(default_factory=dict)
     alerts: List[str] = field(default_factory=list)
     policy_counts: Dict[str, float] = field(default_factory=dict)
+    #: Per quarter of the run: (junk share of the rows that reached training, junk share of the stream).
+    quarters: List[tuple] = field(default_factory=list)
+    first_drop: Optional[int] = None  # the first batch the policy removed a row from
 
 
 def resolve_device(device: str) -> str:
@@ -71,11 +80,12 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def make_policy(quantile: float, warmup: int):
-    """The curation policy of the filtered run: drop rows below the held-out ``quantile``."""
+def make_policy(quantile: float):
+    """The curation policy of the filtered run: ``Drop`` with its defaults, rows below the held-out
+    ``quantile`` (acting once trust has passed)."""
     from ..policies import Drop
 
-    return Drop(quantile=quantile, warmup=warmup)
+    return Drop(quantile=quantile)
 
 
 def train(
@@ -98,10 +108,6 @@ def train(
     monitor = JEPAScoreMonitor(
         encoder="encoder",
         heldout=reference,
-        heldout_max_samples=reference.shape[0],
-        every_n_steps=max(1, config.steps // 10),
-        incoming_every_n_steps="auto",  # right after each held-out evaluation: every one a data-shift comparison
-        incoming_max_rows=32,
         input_key="x",
         id_key="id",
         policy=policy,
@@ -150,6 +156,29 @@ def group_alerts(messages: List[str]) -> List[str]:
     return [f"{len(ms):>4} x {ms[0]}" for ms in groups.values()]
 
 
+def junk_share_by_quarter(stream: DigitStream, seen_ids: List[torch.Tensor], batch_size: int,
+                          steps: int) -> List[tuple]:
+    """Per quarter of the run's batches: (share of junk among the rows that reached training_step,
+    share of junk among the stream's rows of those batches, i.e. what an unfiltered run trains on)."""
+    junk = torch.tensor([KINDS[int(k)] in JUNK_KINDS for k in stream.kinds])
+    out = []
+    for q in range(QUARTERS):
+        lo, hi = q * steps // QUARTERS, (q + 1) * steps // QUARTERS
+        seen = torch.cat(seen_ids[lo:hi]) if seen_ids[lo:hi] else torch.zeros(0, dtype=torch.long)
+        stream_rows = junk[lo * batch_size: hi * batch_size]
+        out.append((float(junk[seen].double().mean()) if seen.numel() else float("nan"),
+                    float(stream_rows.double().mean()) if stream_rows.numel() else float("nan")))
+    return out
+
+
+def first_drop(seen_ids: List[torch.Tensor], batch_size: int, n_rows: int) -> Optional[int]:
+    """The first batch that reached training with fewer rows than the stream gave it, None if none."""
+    for b, ids in enumerate(seen_ids):
+        if ids.numel() < min(batch_size, n_rows - b * batch_size):
+            return b
+    return None
+
+
 def dropped_by_kind(stream: DigitStream, seen_ids: List[torch.Tensor], n_rows: int) -> Dict[str, float]:
     """Fraction of the first ``n_rows`` stream rows of each kind that never reached training_step."""
     seen = torch.zeros(len(stream), dtype=torch.bool)
@@ -170,17 +199,26 @@ def _features(encoder, images: torch.Tensor, device: str) -> torch.Tensor:
 
 def evaluate_auroc(encoder, splits: DigitSplits, device: str, *, seed: int) -> Dict[str, Dict[str, float]]:
     """AUROC of every score in ``EVAL_SCORES`` for clean test digits of the training classes
-    (inliers) against each outlier kind; baselines are fitted on the reference split."""
+    (inliers) against each outlier kind; baselines and the fitted Gaussian come from the reference split."""
     images, labels = splits.test
     novel = labels == splits.novel_class
     outliers = junk_eval_sets(images[~novel], seed=seed)
     outliers["novel_class"] = normalise(images[novel])
     reference = score_samples(encoder, normalise(splits.reference[0]).to(device))
     baselines = fit_baselines(reference.embedding)
-    inliers = score_columns(score_samples(encoder, normalise(images[~novel]).to(device)), baselines)
+    gaussian = fit_reading(reference.embedding)
+
+    def columns(x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        s = score_samples(encoder, x.to(device))
+        cols = score_columns(s, baselines)
+        cols["iso_density"] = cols.pop("log_density")
+        cols["fit_density"] = (s.jepa_score.double() + log_prior(s.embedding, gaussian).to(s.jepa_score.device)).float()
+        return cols
+
+    inliers = columns(normalise(images[~novel]))
     table = {}
     for kind, x in outliers.items():
-        cols = score_columns(score_samples(encoder, x.to(device)), baselines)
+        cols = columns(x)
         table[kind] = {s: float(ood_metrics(inliers[s], cols[s])["auroc"]) for s in EVAL_SCORES}
     return table
 
@@ -216,11 +254,13 @@ def run_demo(config: DemoConfig) -> DemoResult:
     seconds: Dict[str, float] = {}
     probe: Dict[str, float] = {}
 
-    policy = make_policy(config.quantile, warmup=config.steps // 5) if config.filter else None
+    policy = make_policy(config.quantile) if config.filter else None
     version = "filtered" if config.filter else "unfiltered"
     module, seconds[version], alerts = train(config, splits, stream, device=device, policy=policy, version=version)
     encoder = module.encoder.to(device).eval()
     dropped = dropped_by_kind(stream, module.seen_ids, n_rows)
+    quarters = junk_share_by_quarter(stream, module.seen_ids, config.batch_size, config.steps)
+    dropped_first = first_drop(module.seen_ids, config.batch_size, n_rows)
     probe[version] = evaluate_probe(encoder, splits, device)
     t = time.perf_counter()
     auroc = evaluate_auroc(encoder, splits, device, seed=config.seed)
@@ -232,7 +272,8 @@ def run_demo(config: DemoConfig) -> DemoResult:
     seconds["total"] = time.perf_counter() - t0
     counts = {name: int((stream.kinds == i).sum()) for i, name in enumerate(KINDS)}
     return DemoResult(auroc, dropped, probe, seconds, str(Path(config.logdir) / "digits"), config, counts,
-                      group_alerts(alerts), dict(policy.counts) if policy is not None else {})
+                      group_alerts(alerts), dict(policy.counts) if policy is not None else {}, quarters,
+                      dropped_first)
 
 
 def format_summary(result: DemoResult) -> str:
@@ -242,7 +283,8 @@ def format_summary(result: DemoResult) -> str:
         f"jepa-monitor demo: {cfg.steps} steps x {cfg.batch_size} rows, "
         f"novel class arrives at step {cfg.steps // 2}, curation_budget={cfg.curation_budget}",
         "",
-        "AUROC, clean test digits vs each kind (1.0 = perfectly separated, 0.5 = chance):",
+        "AUROC, clean test digits vs each kind (1.0 = perfectly separated, 0.5 = chance);",
+        "iso_density / fit_density: log_density read through N(0, I) / through the reference's Gaussian:",
         f"  {'kind':<12}" + "".join(f"{s:>13}" for s in EVAL_SCORES) + f"{'dropped':>10}{'rows':>9}",
     ]
     for kind in OUTLIER_KINDS:
@@ -264,6 +306,11 @@ def format_summary(result: DemoResult) -> str:
                      f"embedding, {int(c['rows_estimated'])} from an estimate (curation_budget={cfg.curation_budget}); "
                      f"{int(c['rows_seen'] - c['rows_scored'] - c['rows_gated'] - c['rows_estimated'])} while the "
                      "policy was inactive (warm-up)")
+    if cfg.filter and result.quarters:
+        first = "never" if result.first_drop is None else f"at batch {result.first_drop}"
+        lines += ["", f"Junk share of the rows that reached training, per quarter (policy first dropped a row {first}):"]
+        lines.append("  " + "".join(f"{f'Q{q + 1}':>17}" for q in range(len(result.quarters))))
+        lines.append("  " + "".join(f"{f'{kept:.1%} of {stream:.1%}':>17}" for kept, stream in result.quarters))
     lines += ["", "Linear-probe accuracy on clean test digits (ridge on frozen features):"]
     for version, acc in result.probe.items():
         lines.append(f"  {version:<12}{acc:>8.3f}")

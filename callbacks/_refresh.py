@@ -1,0 +1,103 @@
+"""Keeping a policy's fitted reading fresh between held-out evaluations.
+
+A Gaussian fitted to the held-out embeddings reads rows through their low-variance directions, and a
+training encoder moves: a few dozen batches later the old Gaussian reads clean rows as atypical and
+the policy drops them. Between two held-out evaluations the monitor therefore *refreshes* the
+reading: one embedding pass of the held-out rows (the Gaussian is fitted again, each reference row's
+prior cross-fitted) and the Jacobian of :data:`REFRESH_ROWS` reference rows (rotating through them),
+whose median change moves the Jacobian term of every reference row (a paired difference: a training
+encoder's Jacobian term moves mostly in common). The policy is recalibrated with the re-read reference.
+
+How often is decided by the data, never by a clock: at each refresh the fresh held-out rows are also
+read through the *previous* reading, and ``stale_drop``, the share of them below the previous
+reference's :data:`STALE_QUANTILE`-quantile, says what the encoder's move in the gap did to clean
+rows (without a move it is about the quantile itself). Above twice the quantile the gap halves
+(down to 1 batch); below 1.5 times it the gap doubles (up to :data:`MAX_GAP`): early in training the
+reading is refreshed every few batches, later rarely. No Lightning import.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+from jepa_monitor.reading import cross_fitted_log_prior, fit_reading
+from jepa_monitor.statistics import quantiles
+from jepa_monitor.whitening import Whitening
+
+#: Reference rows scored again with the Jacobian at each refresh.
+REFRESH_ROWS = 8
+#: The quantile of the previous reference that ``stale_drop`` counts fresh rows below.
+STALE_QUANTILE = 0.05
+#: Longest gap, in batches, between two refreshes.
+MAX_GAP = 128
+
+
+def refresh_cost(embedded_rows: int, jacobian_rows: int, embed_dim: Optional[int]) -> int:
+    """Backward passes of one sample a refresh costs: one per embedded row (a forward pass, counted
+    as one), K per Jacobian row."""
+    return int(embedded_rows) + int(jacobian_rows) * int(embed_dim or 1)
+
+
+class ReadingRefresh:
+    """The policy's reference between held-out evaluations: its Jacobian term, its log_density as last
+    read, and when to read it again."""
+
+    def __init__(self) -> None:
+        self.jepa: Optional[torch.Tensor] = None  # (n,) float64, the reference rows' Jacobian term
+        self.density: Optional[torch.Tensor] = None  # (n,) float64, their log_density as last read
+        self.gap = 1
+        self.last = 0
+        self.count = 0
+        self.stale_drop = float("nan")
+
+    def reset(self, scores: Dict[str, torch.Tensor], batch: int) -> None:
+        """A held-out evaluation at training batch ``batch`` gave these reference scores."""
+        self.jepa = scores["jepa_score"].double().clone()
+        self.density = scores["log_density"].double().clone()
+        self.last = batch
+
+    def due(self, batch: int) -> bool:
+        return self.jepa is not None and batch - self.last >= self.gap
+
+    def rows(self) -> torch.Tensor:
+        """The reference rows to score again at this refresh (rotating)."""
+        n = self.jepa.shape[0]
+        if n <= REFRESH_ROWS:
+            return torch.arange(n)
+        return (torch.arange(REFRESH_ROWS) + self.count * REFRESH_ROWS) % n
+
+    def update(self, batch: int, rows: torch.Tensor, jepa_again: torch.Tensor, z: torch.Tensor,
+               previous: Optional[Whitening]) -> Tuple[Dict[str, torch.Tensor], Whitening]:
+        """Fold in a refresh at ``batch``: ``jepa_again`` the new Jacobian term of ``rows``, ``z`` the
+        fresh embeddings of every held-out row (the reference rows first), ``previous`` the reading in
+        use. Returns the re-read reference (``jepa_score``, ``log_prior``, ``log_density``) and the
+        new Gaussian; raises (ValueError) when no Gaussian can be fitted."""
+        n = self.jepa.shape[0]
+        gaussian = fit_reading(z)
+        prior = cross_fitted_log_prior(z, n).cpu()
+        moved = jepa_again.double().cpu() - self.jepa[rows]
+        moved = moved[torch.isfinite(moved)]
+        jepa = self.jepa + (float(moved.median()) if moved.numel() else 0.0)
+        if previous is not None:
+            stale = jepa + previous.log_prob(z[:n]).cpu()
+            cut = float(quantiles(self.density, [STALE_QUANTILE])[0])
+            self.stale_drop = float((stale < cut).double().mean())
+            if self.stale_drop > 2 * STALE_QUANTILE:
+                self.gap = max(1, self.gap // 2)
+            elif self.stale_drop < 1.5 * STALE_QUANTILE:
+                self.gap = min(MAX_GAP, self.gap * 2)
+        self.jepa, self.density = jepa, jepa + prior
+        self.last, self.count = batch, self.count + 1
+        return {"jepa_score": jepa.float(), "log_prior": prior.float(), "log_density": self.density.float()}, gaussian
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"jepa": self.jepa, "density": self.density, "gap": self.gap, "last": self.last,
+                "count": self.count, "stale_drop": self.stale_drop}
+
+    def load_state_dict(self, state: Optional[Dict[str, Any]]) -> None:
+        if state:  # absent from checkpoints of releases without a fitted reading
+            self.jepa, self.density = state["jepa"], state["density"]
+            self.gap, self.last, self.count = int(state["gap"]), int(state["last"]), int(state["count"])
+            self.stale_drop = float(state["stale_drop"])
