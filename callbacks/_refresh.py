@@ -45,7 +45,9 @@ class ReadingRefresh:
     read, and when to read it again."""
 
     def __init__(self) -> None:
-        self.jepa: Optional[torch.Tensor] = None  # (n,) float64, the reference rows' Jacobian term
+        # (n,) float64 per Jacobian column of the reference rows: "jepa_score", and "sketch_score"
+        # when the policy scores with a sketch (each moved by its own median change).
+        self.columns: Dict[str, torch.Tensor] = {}
         self.density: Optional[torch.Tensor] = None  # (n,) float64, their log_density as last read
         self.gap = 1
         self.last = 0
@@ -53,10 +55,15 @@ class ReadingRefresh:
         self.stale_drop = float("nan")
 
     def reset(self, scores: Dict[str, torch.Tensor], batch: int) -> None:
-        """A held-out evaluation at training batch ``batch`` gave these reference scores."""
-        self.jepa = scores["jepa_score"].double().clone()
-        self.density = scores["log_density"].double().clone()
+        """A held-out evaluation at training batch ``batch`` gave these reference scores (components,
+        and ``sketch_score`` when a sketch is in use)."""
+        self.columns = {c: scores[c].double().cpu().clone() for c in ("jepa_score", "sketch_score") if c in scores}
+        self.density = scores["log_density"].double().cpu().clone()
         self.last = batch
+
+    @property
+    def jepa(self) -> Optional[torch.Tensor]:
+        return self.columns.get("jepa_score")
 
     def due(self, batch: int) -> bool:
         return self.jepa is not None and batch - self.last >= self.gap
@@ -68,18 +75,21 @@ class ReadingRefresh:
             return torch.arange(n)
         return (torch.arange(REFRESH_ROWS) + self.count * REFRESH_ROWS) % n
 
-    def update(self, batch: int, rows: torch.Tensor, jepa_again: torch.Tensor, z: torch.Tensor,
+    def update(self, batch: int, rows: torch.Tensor, again: Dict[str, torch.Tensor], z: torch.Tensor,
                previous: Optional[Whitening]) -> Tuple[Dict[str, torch.Tensor], Whitening]:
-        """Fold in a refresh at ``batch``: ``jepa_again`` the new Jacobian term of ``rows``, ``z`` the
-        fresh embeddings of every held-out row (the reference rows first), ``previous`` the reading in
-        use. Returns the re-read reference (``jepa_score``, ``log_prior``, ``log_density``) and the
-        new Gaussian; raises (ValueError) when no Gaussian can be fitted."""
+        """Fold in a refresh at ``batch``: ``again`` the new Jacobian columns of ``rows`` (the keys of
+        :meth:`reset`), ``z`` the fresh embeddings of every held-out row (the reference rows first),
+        ``previous`` the reading in use. Returns the re-read reference (``jepa_score``, ``log_prior``,
+        ``log_density``, ``embedding``, and ``sketch_score`` if kept) and the new Gaussian; raises
+        (ValueError) when no Gaussian can be fitted."""
         n = self.jepa.shape[0]
         gaussian = fit_reading(z)
         prior = cross_fitted_log_prior(z, n).cpu()
-        moved = jepa_again.double().cpu() - self.jepa[rows]
-        moved = moved[torch.isfinite(moved)]
-        jepa = self.jepa + (float(moved.median()) if moved.numel() else 0.0)
+        for name, column in self.columns.items():
+            moved = again[name].double().cpu() - column[rows]
+            moved = moved[torch.isfinite(moved)]
+            self.columns[name] = column + (float(moved.median()) if moved.numel() else 0.0)
+        jepa = self.jepa
         if previous is not None:
             stale = jepa + previous.log_prob(z[:n]).cpu()
             cut = float(quantiles(self.density, [STALE_QUANTILE])[0])
@@ -88,16 +98,18 @@ class ReadingRefresh:
                 self.gap = max(1, self.gap // 2)
             elif self.stale_drop < 1.5 * STALE_QUANTILE:
                 self.gap = min(MAX_GAP, self.gap * 2)
-        self.jepa, self.density = jepa, jepa + prior
+        self.density = jepa + prior
         self.last, self.count = batch, self.count + 1
-        return {"jepa_score": jepa.float(), "log_prior": prior.float(), "log_density": self.density.float()}, gaussian
+        reference = {name: column.float() for name, column in self.columns.items()}
+        reference.update(log_prior=prior.float(), log_density=self.density.float(), embedding=z)
+        return reference, gaussian
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"jepa": self.jepa, "density": self.density, "gap": self.gap, "last": self.last,
+        return {"columns": dict(self.columns), "density": self.density, "gap": self.gap, "last": self.last,
                 "count": self.count, "stale_drop": self.stale_drop}
 
     def load_state_dict(self, state: Optional[Dict[str, Any]]) -> None:
         if state:  # absent from checkpoints of releases without a fitted reading
-            self.jepa, self.density = state["jepa"], state["density"]
+            self.columns, self.density = dict(state["columns"]), state["density"]
             self.gap, self.last, self.count = int(state["gap"]), int(state["last"]), int(state["count"])
             self.stale_drop = float(state["stale_drop"])

@@ -60,6 +60,9 @@ class SynchronousScorer:
     def log_prior(self, z: torch.Tensor) -> torch.Tensor:
         return self.scorer.log_prior(z)  # no pass of the encoder
 
+    def sketched(self, m: int) -> "SynchronousScorer":
+        return SynchronousScorer(self.scorer.sketched(m), self.world_size, (self.filler_x, self.filler_side))
+
     def score(self, x: torch.Tensor, **side: Any) -> SampleScores:
         n = x.shape[0]
         target = max(gather_objects(n, self.world_size))

@@ -195,6 +195,7 @@ class JEPAScoreMonitor(Callback):
         self._embed_dim: Optional[int] = None  # K, known after the first held-out evaluation
         self._curation_passes = 0  # backward passes curation (refresh included) spent on the current batch
         self._refresh = ReadingRefresh()  # the policy's reference, read again between evaluations
+        self._sketch: Optional[int] = None  # output directions of the policy's sketched Jacobian rows
         self._last_counted = -1
         if rank_synchronous not in (True, False, "auto"):
             raise ValueError(f"rank_synchronous={rank_synchronous!r}: use True, False or 'auto'.")
@@ -387,10 +388,10 @@ class JEPAScoreMonitor(Callback):
     def _curate(self, trainer: Any, pl_module: Any, batch: Any) -> None:
         b = self._batches
         result = self.curation.curate(self.scorer(pl_module), batch, batch_index=b, step=trainer.global_step,
-                                      trust=self._trust, passes_per_row=self._embed_dim or 1)
+                                      trust=self._trust, passes_per_row=self._row_passes)
         self.clock.add(result["seconds"], curation=True)
         if "decision" in result:
-            self._curation_passes += int(result["decision"].n_scored) * (self._embed_dim or 1)
+            self._curation_passes += int(result["decision"].n_scored) * self._row_passes
         if "decision" in result and trainer.log_every_n_steps and b % trainer.log_every_n_steps == 0:
             with self.report.guard("curated batch", b):
                 self.report.curated_batch(trainer, self.curation.metrics(result), result["weight"])
@@ -446,8 +447,15 @@ class JEPAScoreMonitor(Callback):
             if trust is not None:
                 metrics.update(trust.metrics)
                 if self.curation is not None:
-                    self._refresh.reset(m.scores, self._batches)
-                    self._calibrate(m.scores, trust.trust)
+                    reference = dict(m.scores, embedding=z)
+                    self._sketch = self.policy.sketch_rows(self._embed_dim)
+                    if self._sketch is not None:  # the sketch's level is calibrated on the reference rows
+                        x, side = self._data.rows(m.index, pl_module.device)
+                        with torch.inference_mode(False), torch.no_grad():
+                            reference["sketch_score"] = self.scorer(pl_module).sketched(self._sketch).score(
+                                x, **side).jepa_score.cpu()
+                    self._refresh.reset(reference, self._batches)
+                    self._calibrate(reference, trust.trust)
             self._publish(trainer, split, m, metrics, images=data.x[m.index],
                           sample_ids=[data.ids[i] for i in m.index.tolist()])
         if split == "heldout":
@@ -494,17 +502,24 @@ class JEPAScoreMonitor(Callback):
                 x, side = self._data.rows(torch.arange(self._data.num_rows), pl_module.device)
                 z = scorer.embed(x, **side).float().cpu()
                 xr, side_r = self._data.rows(rows, pl_module.device)
-                again = scorer.score(xr, **side_r).jepa_score
+                again = {"jepa_score": scorer.score(xr, **side_r).jepa_score}
+                if "sketch_score" in refresh.columns:
+                    again["sketch_score"] = scorer.sketched(self._sketch).score(xr, **side_r).jepa_score
             reference, self._prior = refresh.update(self._batches, rows, again, z, self._prior)
         except Exception as err:  # a measurement: warn, keep the previous reading
             refresh.last = self._batches
             self.report.warn_once("refresh", f"{self._tag}: refreshing the fitted reading failed at training batch "
                                              f"{self._batches} ({type(err).__name__}: {err}); the previous one is kept.")
             return
-        cost = refresh_cost(self._data.num_rows, rows.numel(), self._embed_dim)
+        cost = refresh_cost(self._data.num_rows, rows.numel(), self._embed_dim + (self._sketch or 0))
         self._curation_passes += cost
         self.curation.charge(cost)
         self._calibrate(reference, self._trust, step=self.tracker.latest_batch)
+
+    @property
+    def _row_passes(self) -> int:
+        """Backward passes one curation Jacobian row costs: the sketch's directions, else K."""
+        return self._sketch or self._embed_dim or 1
 
     def _calibrate(self, scores: Dict[str, torch.Tensor], trust: Optional[float], step: Optional[int] = None) -> None:
         try:

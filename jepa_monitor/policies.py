@@ -60,15 +60,24 @@ training step's gradient synchronisation is untouched and a rank may drop more r
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional, Protocol, Union, runtime_checkable
+from typing import Any, Callable, Dict, Mapping, Optional, Protocol, Tuple, Union, runtime_checkable
 
 import torch
 
+from .baselines import knn_score
+from .reading import cross_fit, fit_reading
 from .scorer import side_rows
 from .scores import COMPONENTS
 from .statistics import quantiles
 
-SCORE_KEYS = COMPONENTS
+#: Scores a policy can read that need the embedding alone (no Jacobian): minus the squared Mahalanobis
+#: distance to the reference embeddings' fitted Gaussian, minus the distance to the k-th nearest one.
+EMBEDDING_SCORES = ("mahalanobis", "knn")
+SCORE_KEYS = COMPONENTS + EMBEDDING_SCORES
+#: Neighbours of the "knn" score.
+KNN_K = 5
+#: ``sketch="auto"``: exact Jacobian rows up to this K, a sketch of max(16, K // 8) directions above.
+SKETCH_FROM_K = 64
 #: Fewest finite reference rows from which the gate takes the Jacobian term's range: a new row falls
 #: outside the range of n reference rows with probability 2/(n+1), 17% for n = 11, 3% for n = 64.
 GATE_MIN_REFERENCE = 64
@@ -160,6 +169,41 @@ def nearest_rows(undecided: torch.Tensor, estimate: torch.Tensor, center: float,
     return chosen
 
 
+def embedding_detector(name: str, reference: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The embedding-space score ``name`` (one of :data:`EMBEDDING_SCORES`) fitted on reference
+    embeddings (N, K): a function (B, K) -> float64 (B,), higher = more typical."""
+    if name == "mahalanobis":
+        gaussian = fit_reading(reference)
+        return lambda z: -gaussian.mahalanobis(z).to(z.device)
+    if name == "knn":
+        ref = reference.detach()
+        k = min(KNN_K, ref.shape[0])
+        return lambda z: knn_score(z, ref.to(z.device), k).double()
+    raise ValueError(f"{name!r} is not one of {EMBEDDING_SCORES}.")
+
+
+def sketch_rows(k: int, sketch: Union[int, str, None]) -> Optional[int]:
+    """Output directions of the sketched Jacobian for a K-dimensional embedding: ``sketch`` itself,
+    None (exact) when it is None or at least K, and for "auto" max(16, K // 8) above
+    :data:`SKETCH_FROM_K` (exact below)."""
+    if sketch == "auto":
+        return max(16, k // 8) if k > SKETCH_FROM_K else None
+    if sketch is None or sketch >= k:
+        return None
+    return int(sketch)
+
+
+def fit_level(sketched: torch.Tensor, exact: torch.Tensor) -> Optional[Tuple[float, float]]:
+    """(a, b) of the least-squares line exact ≈ a·sketched + b over rows finite in both; None with
+    fewer than 3 such rows or a constant sketched score."""
+    ok = torch.isfinite(sketched) & torch.isfinite(exact)
+    x, y = sketched[ok].double(), exact[ok].double()
+    if x.numel() < 3 or not float(x.var()) > 0:
+        return None
+    a = float(((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum())
+    return a, float(y.mean() - a * x.mean())
+
+
 def median_below(scores: torch.Tensor, cutoff: float) -> bool:
     """Whether the batch median (non-finite scores counted as the lowest) is below ``cutoff``:
     more than half of the rows are."""
@@ -183,9 +227,13 @@ class Policy(Protocol):
     - ``needs_refresh(step)``: True when the calibration is too old to act on; the monitor then
       re-scores the held-out set before the batch is decided.
     - ``decide_batch(scorer, x, step, trust, side=...)`` -> :class:`Decision`. ``scorer`` has
-      ``score(x, **side) -> SampleScores`` and ``embed(x, **side) -> (B, K)``. A policy whose
-      ``decide_batch`` also takes ``max_scored=`` is paced by the monitor's ``curation_budget``
-      (at most that many rows scored with the Jacobian in this batch).
+      ``score(x, **side) -> SampleScores``, ``embed(x, **side) -> (B, K)``, ``log_prior(z) -> (B,)``
+      (the prior term as the scores read it) and ``sketched(m)`` (the same scorer with a sketched
+      Jacobian). A policy whose ``decide_batch`` also takes ``max_scored=`` is paced by the
+      monitor's ``curation_budget`` (at most that many rows scored with the Jacobian in this batch).
+    - ``sketch_rows(k)``: directions of the sketched Jacobian the policy scores rows with for a
+      K-dimensional embedding, or None (exact); when not None the monitor adds the reference rows'
+      sketched ``sketch_score`` to the mapping given to ``calibrate``.
     - ``state_dict()`` / ``load_state_dict(state)``: checkpointed with the monitor.
     """
 
@@ -198,6 +246,8 @@ class Policy(Protocol):
 
     def needs_refresh(self, step: int) -> bool: ...
 
+    def sketch_rows(self, k: int) -> Optional[int]: ...
+
     def decide_batch(self, scorer: Any, x: torch.Tensor, step: int, trust: Optional[float] = None, *,
                      side: Optional[Mapping[str, Any]] = None) -> Decision: ...
 
@@ -208,7 +258,7 @@ class Policy(Protocol):
 
 COUNT_KEYS = (
     "batches", "active_batches", "anomalous_batches", "rows_seen", "rows_dropped", "rows_not_applied",
-    "rows_scored", "rows_gated", "rows_estimated", "rows_capped", "rows_nonfinite", "rows_outside_gate",
+    "rows_scored", "rows_sketched", "rows_gated", "rows_estimated", "rows_capped", "rows_nonfinite", "rows_outside_gate",
     "weight_sum", "calibrations_refused",
 )
 
@@ -225,13 +275,19 @@ class ThresholdPolicy:
             ``trust_threshold`` (default :data:`jepa_monitor.diagnostics.TRUST_THRESHOLD`) or unknown,
             and a reference is only accepted from an evaluation whose trust passed; or a number of
             training batches before the first action (references always accepted).
-        score_key: "log_density" (default), "jepa_score" or "log_prior" (no Jacobian at all).
+        score_key: "log_density" (default), "jepa_score", or a score of the embedding alone (no
+            Jacobian at all, for runs that cannot afford one): "log_prior" (the prior term as the
+            scorer reads it), "mahalanobis" or "knn" (fitted on the reference embeddings).
         every_n_steps: act on every n-th batch only (the others pass untouched).
         max_threshold_age: a calibration older than this many training batches is refreshed (the
             monitor re-scores the held-out set) before it is used; None: never.
         batch_anomaly, anomalous_batch_weight: the noisy-batch rule of the module docstring.
         gate, gate_margin, gate_budget: the two-stage gate of the module docstring (``gate=False``:
             exact score for every row; ``gate_budget``: at most this many Jacobian rows per batch).
+        sketch: Jacobian rows of a sketch ``P∘f`` with this many output directions instead of K
+            (see :class:`jepa_monitor.Scorer`), the level mapped onto the exact score by a line fitted
+            on the reference rows (given as ``sketch_score`` to :meth:`calibrate`); ``"auto"``
+            (default): exact up to K = 64, max(16, K // 8) directions above; None: always exact.
         weight_key: the batch key weights are written under (dict batches).
 
     State (``state_dict``): ``threshold``, ``reference_median`` and ``reference_low`` (the reference's
@@ -262,6 +318,7 @@ class ThresholdPolicy:
         gate: bool = True,
         gate_margin: float = 0.1,
         gate_budget: Optional[int] = 16,
+        sketch: Union[int, str, None] = "auto",
         weight_key: str = "sample_weight",
     ) -> None:
         if not 0.0 < quantile < 1.0:
@@ -287,6 +344,8 @@ class ThresholdPolicy:
             raise ValueError(f"gate_margin={gate_margin!r} must be >= 0.")
         if gate_budget is not None and not (isinstance(gate_budget, int) and gate_budget >= 0):
             raise ValueError(f"gate_budget={gate_budget!r} must be a number of rows (>= 0) or None (no cap).")
+        if not (sketch in (None, "auto") or (isinstance(sketch, int) and sketch >= 1)):
+            raise ValueError(f"sketch={sketch!r} must be 'auto', a number of output directions (>= 1) or None (exact).")
         self.quantile = float(quantile)
         self.absolute_threshold = None if threshold is None else float(threshold)
         self.warmup = warmup
@@ -299,7 +358,12 @@ class ThresholdPolicy:
         self.gate = gate
         self.gate_margin = float(gate_margin)
         self.gate_budget = gate_budget
+        self.sketch = sketch
         self.weight_key = weight_key
+        self.sketch_level: Optional[Tuple[float, float]] = None  # exact ≈ a·sketched + b on the reference
+        self.sketch_dim: Optional[int] = None  # directions of the sketch that level was fitted for
+        self.detector_reference: Optional[torch.Tensor] = None  # embeddings of EMBEDDING_SCORES
+        self._detector: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
         self.threshold: Optional[float] = self.absolute_threshold
         self.reference_median: Optional[float] = None
@@ -319,20 +383,46 @@ class ThresholdPolicy:
 
         ``reference``: the held-out scores of ``score_key`` (a tensor), or a mapping of components
         (``jepa_score``, ``log_prior``, ``log_density``) as the monitor gathers them; only the mapping
-        lets the gate of ``score_key="log_density"`` measure the range of the Jacobian term. With
+        lets the gate of ``score_key="log_density"`` measure the range of the Jacobian term. The
+        mapping may also hold ``embedding`` (N, K), which ``score_key="mahalanobis"``/``"knn"`` are
+        fitted on (their reference scores cross-fitted, :func:`jepa_monitor.reading.cross_fit`), and
+        ``sketch_score`` (the reference rows' sketched jepa_score, with ``embedding``), from which the
+        line mapping sketched scores onto exact ones is fitted. With
         ``warmup="trust"``, a reference whose ``trust`` has not passed is refused (counted in
         ``calibrations_refused``): a threshold from an untrusted encoder would act on noise.
         """
+        embedded = self.score_key in EMBEDDING_SCORES
         if isinstance(reference, Mapping):
-            if self.score_key not in reference:
-                raise KeyError(f"the reference has no {self.score_key!r} scores; its keys are {list(reference)}.")
-            scores = torch.as_tensor(reference[self.score_key])
+            need = "embedding" if embedded else self.score_key
+            if need not in reference:
+                raise KeyError(f"the reference has no {need!r} entry (score_key={self.score_key!r}); "
+                               f"its keys are {list(reference)}.")
             j = reference.get("jepa_score") if "log_prior" in reference else None
+        elif embedded:
+            raise TypeError(f"score_key={self.score_key!r} is calibrated on reference embeddings: pass a "
+                            "mapping with an 'embedding' entry (N, K).")
         else:
-            scores, j = torch.as_tensor(reference), None
+            j = None
         if not self._trusted(trust):
             self.counts["calibrations_refused"] += 1
             return
+        if embedded:
+            z = torch.as_tensor(reference["embedding"]).detach().float().cpu()
+            z = z[torch.isfinite(z).all(1)]
+            # Each reference row scored by a detector fitted without it (a row is its own nearest neighbour).
+            scores = cross_fit(z, z.shape[0], lambda ref: embedding_detector(self.score_key, ref))
+            self.detector_reference, self._detector = z, embedding_detector(self.score_key, z)
+            j = None
+        else:
+            scores = torch.as_tensor(reference if not isinstance(reference, Mapping) else reference[self.score_key])
+        self.sketch_level, self.sketch_dim = None, None
+        if isinstance(reference, Mapping) and "sketch_score" in reference and j is not None:
+            if "embedding" not in reference:
+                raise KeyError("a reference with 'sketch_score' needs its 'embedding' too (the sketch's size "
+                               "follows K).")
+            self.sketch_dim = self.sketch_rows(torch.as_tensor(reference["embedding"]).shape[1])
+            if self.sketch_dim is not None:
+                self.sketch_level = fit_level(torch.as_tensor(reference["sketch_score"]), torch.as_tensor(j))
         low = reference_quantile(scores, self.quantile)
         self.reference_low = low
         self.reference_median = reference_quantile(scores, 0.5)
@@ -353,6 +443,14 @@ class ThresholdPolicy:
 
     def _calibrated(self) -> None:
         pass
+
+    def sketch_rows(self, k: int) -> Optional[int]:
+        """Output directions of the sketched Jacobian this policy scores rows with for a K-dimensional
+        embedding (None: exact); the caller calibrates its level by passing ``sketch_score`` (the
+        sketched jepa_score of the reference rows) to :meth:`calibrate`."""
+        if self.score_key not in ("log_density", "jepa_score"):
+            return None
+        return sketch_rows(k, self.sketch)
 
     def needs_refresh(self, step: int) -> bool:
         """The calibration is older than ``max_threshold_age`` batches (an absolute threshold without
@@ -423,14 +521,19 @@ class ThresholdPolicy:
             # The batch median is compared with the cutoff: rows on either side of it must be exact too.
             band_low, band_high = min(band_low, self.anomaly_cutoff), max(band_high, self.anomaly_cutoff)
         cheap, estimated = None, 0
+        embedding_only = self.score_key == "log_prior" or self.score_key in EMBEDDING_SCORES
         if embed_fn is not None and self.score_key != "jepa_score" and (
-            self.score_key == "log_prior" or (self.gate and self.jacobian_range is not None)
+            embedding_only or (self.gate and self.jacobian_range is not None)
         ):
-            cheap = scorer.log_prior(embed_fn(x, **(side or {}))).to(device=device, dtype=torch.float32)
+            z = embed_fn(x, **(side or {}))
+            score_of_embedding = self._detector if self.score_key in EMBEDDING_SCORES else scorer.log_prior
+            cheap = score_of_embedding(z).to(device=device, dtype=torch.float32)
+        elif self.score_key in EMBEDDING_SCORES:
+            raise TypeError(f"score_key={self.score_key!r} needs a scorer with embed(); got {type(scorer).__name__}.")
 
         if cheap is None:
             full = torch.ones(n, dtype=torch.bool, device=device)
-        elif self.score_key == "log_prior":
+        elif embedding_only:
             full = torch.zeros(n, dtype=torch.bool, device=device)
             scores = cheap.clone()
         else:
@@ -442,16 +545,27 @@ class ThresholdPolicy:
                 full = nearest_rows(undecided, cheap + self.jacobian_center, self.threshold, cap)
             estimated = int((undecided & ~full).sum())
         rows = full.nonzero().reshape(-1)
+        sketched = self.sketch_level is not None and not embedding_only
+        if sketched:
+            score_fn = scorer.sketched(self.sketch_dim).score
         # A rank-synchronous scorer (sharded training) must be called on every rank alike, even with no row.
         if rows.numel() or getattr(scorer, "synchronized", False):
             s = score_fn(x[rows], **side_rows(side or {}, n, rows))
-            scores[rows] = getattr(s, self.score_key).to(device=device, dtype=torch.float32)
+            j = s.jepa_score.to(device).double()
+            if sketched:  # the sketch's level mapped onto the exact score's, fitted on the reference
+                a, b = self.sketch_level
+                j = a * j + b
+                self.counts["rows_sketched"] += int(rows.numel())
+            if sketched:
+                value = j if self.score_key == "jepa_score" else j + scorer.log_prior(s.embedding).to(device).double()
+            else:
+                value = getattr(s, self.score_key)
+            scores[rows] = value.to(device=device, dtype=torch.float32)
             if cheap is not None and self.jacobian_range is not None:
-                j = s.jepa_score.to(device).double()
                 lo, hi = self.jacobian_range
                 self.counts["rows_outside_gate"] += int(((j < lo) | (j > hi)).sum())
 
-        if cheap is None or self.score_key == "log_prior":
+        if cheap is None or embedding_only:
             effective = scores
         else:
             # Gated rows: any point of [lo, hi] lies on the same side of the band as the whole
@@ -496,6 +610,9 @@ class ThresholdPolicy:
             "jacobian_center": self.jacobian_center,
             "calibrated_step": self.calibrated_step,
             "counts": dict(self.counts),
+            "sketch_level": self.sketch_level,
+            "sketch_dim": self.sketch_dim,
+            "detector_reference": self.detector_reference,
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -507,6 +624,12 @@ class ThresholdPolicy:
         self.jacobian_center = state["jacobian_center"]
         self.calibrated_step = state.get("calibrated_step")
         self.counts = {**dict.fromkeys(COUNT_KEYS, 0), **state["counts"]}
+        level = state.get("sketch_level")  # absent from checkpoints of earlier releases
+        self.sketch_level = None if level is None else tuple(level)
+        self.sketch_dim = state.get("sketch_dim")
+        self.detector_reference = state.get("detector_reference")
+        self._detector = None if self.detector_reference is None else embedding_detector(
+            self.score_key, self.detector_reference)
         self._calibrated()
 
     def __repr__(self) -> str:

@@ -24,7 +24,7 @@ threshold taken from the fitting rows themselves would drop clean new rows too o
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -54,11 +54,12 @@ def fit_reading(z: torch.Tensor, *, shrinkage: Shrinkage = "auto") -> Whitening:
     return Whitening.fit(z, shrinkage=shrinkage)
 
 
-def cross_fitted_log_prior(z: torch.Tensor, rows: int, *, folds: int = FOLDS,
-                           shrinkage: Shrinkage = "auto") -> torch.Tensor:
-    """log N(z_i; μ₋ᵢ, Σ₋ᵢ) for the first ``rows`` rows of ``z`` (N, K): each row is read through a
-    Gaussian fitted on the rows of the other folds (row i is in fold i mod ``folds``), so no row
-    flatters itself. float64 (rows,); NaN for a row with a non-finite entry. With N < 2·folds rows
+def cross_fit(z: torch.Tensor, rows: int, fit: Callable[[torch.Tensor], Callable[[torch.Tensor], torch.Tensor]],
+              *, folds: int = FOLDS) -> torch.Tensor:
+    """A score of the first ``rows`` rows of ``z`` (N, K), each from a scorer fitted without it:
+    ``fit(reference rows)`` returns a function of embeddings, and row i is scored by the one fitted
+    on the rows of the other folds (row i is in fold i mod ``folds``). float64 (rows,) on z's
+    device; NaN for a row with a non-finite entry, which no fit sees either. With N < 2·folds rows
     the folds shrink to N // 2 (at least 2)."""
     n = z.shape[0]
     if not 0 <= rows <= n:
@@ -71,9 +72,16 @@ def cross_fitted_log_prior(z: torch.Tensor, rows: int, *, folds: int = FOLDS,
         target = (fold[:rows] == f) & finite[:rows]
         if not target.any():
             continue
-        gaussian = fit_reading(z[(fold != f).to(z.device)], shrinkage=shrinkage)
-        out[target] = gaussian.log_prob(z[:rows][target.to(z.device)]).cpu()
+        score = fit(z[((fold != f) & finite).to(z.device)])
+        out[target] = score(z[:rows][target.to(z.device)]).double().cpu()
     return out.to(z.device)
+
+
+def cross_fitted_log_prior(z: torch.Tensor, rows: int, *, folds: int = FOLDS,
+                           shrinkage: Shrinkage = "auto") -> torch.Tensor:
+    """log N(z_i; μ₋ᵢ, Σ₋ᵢ) for the first ``rows`` rows of ``z`` (N, K): each row read through a
+    Gaussian fitted on the rows of the other folds (:func:`cross_fit`), so no row flatters itself."""
+    return cross_fit(z, rows, lambda ref: fit_reading(ref, shrinkage=shrinkage).log_prob, folds=folds)
 
 
 def reread(scores: SampleScores, prior: torch.Tensor) -> SampleScores:

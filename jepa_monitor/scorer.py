@@ -67,6 +67,12 @@ class Scorer:
             :class:`~jepa_monitor.whitening.Whitening` (``log N(z; μ, Σ)``, see
             :mod:`jepa_monitor.reading`), or None for the paper's N(0, I). ``jepa_score`` does not
             depend on it.
+        sketch: score ``P∘f`` instead of f, P a fixed random m×K matrix with orthonormal rows
+            (m = ``sketch``, drawn from a private generator seeded ``sketch_seed``): m input-VJPs
+            per sample instead of K. Its level is not the exact score's (by Cauchy–Binet it leans on
+            the largest singular values); a caller maps it onto the exact score with a line fitted on
+            rows scored both ways (the curation policies do). ``log_prior`` and ``embedding`` stay
+            those of f itself. None: exact.
         method: "exact" (K input-VJPs per sample) or "slq" (stochastic Lanczos quadrature; see
             :mod:`jepa_monitor.approx` for when it ranks well).
         paper: reproduce the paper's listing: singular values clipped at an absolute 1e-6.
@@ -103,6 +109,8 @@ class Scorer:
     mask_key: str = "attention_mask"
     progress: bool = False
     prior: Optional[Whitening] = None
+    sketch: Optional[int] = None
+    sketch_seed: int = 0
 
     def __post_init__(self) -> None:
         if not callable(self.encoder):
@@ -111,10 +119,18 @@ class Scorer:
             raise ValueError(f"method={self.method!r} is not one of {METHODS}.")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1; got {self.batch_size}.")
+        if self.sketch is not None and not (isinstance(self.sketch, int) and self.sketch >= 1):
+            raise ValueError(f"sketch must be a number of output directions >= 1, or None; got {self.sketch!r}.")
+        if self.sketch is not None and self.method != "exact":
+            raise ValueError("sketch is a variant of method='exact'.")
 
     def replace(self, **changes: Any) -> "Scorer":
         """A copy with some options changed, e.g. ``scorer.replace(whitening=w)``."""
         return dataclasses.replace(self, **changes)
+
+    def sketched(self, m: int) -> "Scorer":
+        """This scorer with a sketch of ``m`` output directions (see ``sketch``)."""
+        return self.replace(sketch=m)
 
     # ------------------------------------------------------------------ the embedding
     def _embedding(self, x: torch.Tensor, side: Dict[str, Any]) -> torch.Tensor:
@@ -221,12 +237,21 @@ class Scorer:
             return self._embedding(inp, kw)
 
         if self.method == "exact":
+            z_full = None
+            if self.sketch is not None:
+                with torch.no_grad():
+                    z_full = f(x, **side).detach()
+                p = sketch_matrix(z_full.shape[1], self.sketch, self.sketch_seed).to(z_full)
+
+                def f(inp: torch.Tensor, **kw: Any) -> torch.Tensor:  # noqa: F811 - the sketched encoder
+                    return self._embedding(inp, kw) @ p.T
+
             # Side inputs go as encoder_kwargs: replicated rows repeat them with the samples.
             z, g, d_dim = embedding_and_gram(f, x, input_module=self.input_module, vectorize=self._vectorize(x),
                                              memory_budget=self.memory_budget, encoder_kwargs=side,
                                              cache_key=self.encoder)
             s, floored = half_logdet(g, rel_floor=rel_floor, abs_floor=abs_floor)
-            return z, s, floored, d_dim
+            return (z if z_full is None else z_full), s, floored, d_dim
         return slq_chunk(lambda inp: f(inp, **side), x, input_module=self.input_module, rel_floor=rel_floor,
                          abs_floor=abs_floor, **(self.approx_options or {}))
 
@@ -238,6 +263,20 @@ class Scorer:
         if not holder:
             return 1  # the chunk path raises the explanatory error
         return micro_batch_size(z.shape[1], holder[0][0].numel(), self.memory_budget)
+
+
+_SKETCHES: Dict[tuple, torch.Tensor] = {}
+
+
+def sketch_matrix(k: int, m: int, seed: int = 0) -> torch.Tensor:
+    """A fixed m×K matrix with orthonormal rows (float64, CPU), the same for the same (K, m, seed):
+    the first min(m, K) columns of the Q factor of a Gaussian K×m matrix from a private generator."""
+    key = (int(k), int(m), int(seed))
+    if key not in _SKETCHES:
+        g = torch.Generator().manual_seed(seed)
+        q, _ = torch.linalg.qr(torch.randn(k, min(m, k), generator=g, dtype=torch.float64))
+        _SKETCHES[key] = q.T.contiguous()
+    return _SKETCHES[key]
 
 
 def micro_batch_size(k_dim: int, d_dim: int, memory_budget: int) -> int:

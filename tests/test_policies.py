@@ -418,3 +418,99 @@ def test_embed_matches_the_whitened_scores():
     scorer = Scorer(enc, whitening=w)
     # the cheap stage's prior must be the prior that the score reports, or the gate decides wrongly
     torch.testing.assert_close(gaussian_log_prior(scorer.embed(x)), scorer(x).log_prior, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------- embedding scores and the sketch
+def _gaussian_world(k=6, n_ref=200, n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(k, k, generator=g) / k**0.5 + torch.eye(k)
+    ref = torch.randn(n_ref, k, generator=g, dtype=torch.float64) @ a.double().T
+    x = torch.randn(n, k, generator=g, dtype=torch.float64) @ a.double().T
+    x[:8] += 6.0  # far rows
+    return ref.float(), x.float()
+
+
+@pytest.mark.parametrize("key", ["knn", "mahalanobis"])
+def test_embedding_scores_need_no_jacobian_and_match_brute_force(key):
+    from scipy.spatial.distance import cdist
+
+    ref, x = _gaussian_world()
+    calls = []
+    identity = nn.Identity()
+    scorer = SimpleNamespace(score=lambda rows: calls.append(rows.shape[0]), embed=Scorer(identity).embed,
+                             log_prior=Scorer(identity).log_prior)
+    policy = Drop(warmup=0, score_key=key, max_drop_fraction=1.0)
+    with pytest.raises(KeyError, match="embedding"):
+        policy.calibrate({"log_density": torch.zeros(3)})
+    policy.calibrate({"embedding": ref})
+    d = policy.decide_batch(scorer, x, 0)
+    assert calls == [] and d.n_scored == 0
+    r, xx = ref.double().numpy(), x.double().numpy()
+    if key == "knn":
+        expected = -np.sort(cdist(xx, r), axis=1)[:, 4]
+    else:
+        mu = r.mean(0)
+        from sklearn.covariance import ledoit_wolf
+        cov = ledoit_wolf(r)[0]
+        expected = -np.einsum("ij,jk,ik->i", xx - mu, np.linalg.inv(cov), xx - mu)
+    np.testing.assert_allclose(d.scores.double().numpy(), expected, rtol=1e-4, atol=1e-4)
+    assert not d.keep[:8].any() and d.keep[8:].float().mean() > 0.8
+    # The threshold is the quantile of cross-fitted reference scores: each row scored without its fold.
+    fold = np.arange(200) % 5
+    cross = np.empty(200)
+    for f in range(5):
+        out, inn = r[fold == f], r[fold != f]
+        if key == "knn":
+            cross[fold == f] = -np.sort(cdist(out, inn), axis=1)[:, 4]
+        else:
+            mu, cov = inn.mean(0), ledoit_wolf(inn)[0]
+            cross[fold == f] = -np.einsum("ij,jk,ik->i", out - mu, np.linalg.inv(cov), out - mu)
+    assert policy.threshold == pytest.approx(np.quantile(cross, 0.05), rel=1e-5)
+    restored = Drop(warmup=0, score_key=key, max_drop_fraction=1.0)
+    restored.load_state_dict(policy.state_dict())
+    assert torch.equal(restored.decide_batch(scorer, x, 0).keep, d.keep)
+
+
+def test_sketch_rows_auto_and_explicit():
+    from jepa_monitor.policies import sketch_rows
+
+    assert sketch_rows(16, "auto") is None and sketch_rows(64, "auto") is None
+    assert sketch_rows(96, "auto") == 16 and sketch_rows(384, "auto") == 48
+    assert sketch_rows(96, 8) == 8 and sketch_rows(8, 8) is None and sketch_rows(96, None) is None
+    with pytest.raises(ValueError, match="sketch"):
+        Drop(sketch=0)
+
+
+def test_sketched_rows_are_mapped_onto_the_exact_level_and_decide_like_exact_scoring():
+    from jepa_monitor.policies import fit_level
+    from jepa_monitor.statistics import spearman
+
+    g = torch.Generator().manual_seed(0)
+    enc = nn.Sequential(nn.Linear(32, 128), nn.Tanh(), nn.Linear(128, 96))
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+    ref = torch.randn(160, 32, generator=g)
+    x = torch.randn(64, 32, generator=g)
+    x[:16] *= 3.0  # rows spread more widely: a different Jacobian
+    scorer = Scorer(enc)
+    exact_ref, sketch_ref = scorer.score(ref), scorer.sketched(16).score(ref)
+    reference = {"jepa_score": exact_ref.jepa_score, "log_prior": exact_ref.log_prior,
+                 "log_density": exact_ref.log_density, "sketch_score": sketch_ref.jepa_score,
+                 "embedding": exact_ref.embedding}
+    sketched = Drop(warmup=0, gate=False, quantile=0.2, max_drop_fraction=1.0)
+    exact = Drop(warmup=0, gate=False, quantile=0.2, max_drop_fraction=1.0, sketch=None)
+    with pytest.raises(ValueError, match="sketch"):
+        Scorer(enc, sketch=0)
+    sketched.calibrate(reference)
+    exact.calibrate(reference)
+    assert sketched.sketch_rows(96) == 16 and exact.sketch_rows(96) is None
+    a, b = sketched.sketch_level
+    assert (a, b) == pytest.approx(fit_level(sketch_ref.jepa_score, exact_ref.jepa_score))
+    ds, de = sketched.decide_batch(scorer, x, 0), exact.decide_batch(scorer, x, 0)
+    assert sketched.counts["rows_sketched"] == 64 and exact.counts["rows_sketched"] == 0
+    s_in = scorer.sketched(16).score(x)
+    torch.testing.assert_close(ds.scores.double(), a * s_in.jepa_score.double() + b + s_in.log_prior.double(),
+                               rtol=1e-5, atol=1e-4)
+    assert float(spearman(ds.scores.double(), de.scores.double())) > 0.9
+    assert (ds.keep == de.keep).float().mean() >= 0.85
