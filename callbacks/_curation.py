@@ -110,8 +110,9 @@ class Curation:
         if self.pacer is not None:
             self.pacer.charge(passes)
 
-    def metrics(self, result: Mapping[str, Any]) -> Dict[str, float]:
-        """This batch's decision and every counter of the policy (``<counter>_total``)."""
+    def metrics(self, result: Mapping[str, Any], refresh: Optional[Mapping[str, float]] = None) -> Dict[str, float]:
+        """This batch's decision, every counter of the policy (``<counter>_total``) and ``refresh``
+        (``refresh_gap``, ``stale_drop`` of the reference's refresh, when there is one)."""
         k, d = self.keys, result["decision"]
         out = {
             k.policy("fraction_dropped"): float((~result["keep"]).float().mean()),
@@ -120,6 +121,7 @@ class Curation:
             k.policy("active"): float(bool(d.active)),
         }
         out.update({k.policy(f"{name}_total"): float(v) for name, v in self.policy.counts.items()})
+        out.update({k.policy(name): float(v) for name, v in (refresh or {}).items()})
         return out
 
     def take_pending(self) -> List[Dict[str, Any]]:

@@ -39,17 +39,27 @@ def _message(err: BaseException) -> str:
 class JEPAScoreMonitor(Callback):
     r"""Scores held-out and incoming samples with the encoder's density estimate during training.
 
-    The held-out set is scored when fit starts, then either within a **budget** (default: 5 % of the
-    training wall time; the monitor times a training batch and its own evaluations and spaces them,
-    see ``callbacks/_schedule.py``) or every ``every_n_steps`` training batches when that is given
-    (the callback's own counter, so gradient accumulation does not change the cadence; the
+    The held-out set is scored when fit starts, then within a **budget** (default: 5 % of training's
+    backward passes, counted, never timed: ``callbacks/_schedule.py``; with a policy the first
+    evaluations come at doubling intervals) or every ``every_n_steps`` training batches when that is
+    given (the callback's own counter, so gradient accumulation does not change the cadence; the
     evaluation runs after the step of that batch), and under ``trainer.validate()`` / ``test()``.
     Rows of the current training batch (a random subset from a private generator) are scored right
     after each held-out evaluation (``incoming_every_n_steps="auto"``: the same weights, which the
-    data-shift test needs) or every ``incoming_every_n_steps`` batches. Scoring runs in eval mode with every module's mode restored,
-    in full precision, without touching parameters, their gradients or the global RNG, so a
-    monitored run trains exactly as an unmonitored one. Works with ``lightning.pytorch`` and
-    ``pytorch_lightning`` Trainers.
+    data-shift test needs) or every ``incoming_every_n_steps`` batches. Scoring runs in eval mode
+    with every module's mode restored, in full precision, without touching parameters, their
+    gradients or the global RNG, so a monitored run trains exactly as an unmonitored one. Works with
+    ``lightning.pytorch`` and ``pytorch_lightning`` Trainers.
+
+    **The reading** (``reading="fitted"``, the default): ``log_prior`` and ``log_density`` read the
+    embedding through the Gaussian N(μ, Σ) fitted (Ledoit–Wolf shrunk) to the held-out embeddings of
+    the latest held-out evaluation, each held-out row through a fit without it
+    (:mod:`jepa_monitor.reading`); ``jepa_score`` is the paper's, whatever the reading.
+    ``reading="isotropic"`` reads N(0, I), as the paper does. Trust judges the reading in use. With
+    a policy, the reference it is calibrated on is read again between evaluations, as often as the
+    encoder's moves require (``callbacks/_refresh.py``). Everything that decides what is curated
+    (schedule, pacing, refresh) counts passes and reads data: the same seed curates the same rows on
+    any machine and under any load.
 
     **Logged scalars** (every logger, at ``trainer.global_step``; ``<split>`` is ``heldout``,
     ``incoming``, ``validate`` or ``test``, ``<c>`` each of ``components``):
@@ -69,8 +79,8 @@ class JEPAScoreMonitor(Callback):
       held-out evaluation, re-anchored once when trust is first reached. ``change_ks``, ``change_w1`` — against the
       previous held-out evaluation. ``<name>/heldout/model_change_alert`` — ``change_ks`` above
       the threshold (warns only if ``"model_change"`` is in ``alert_on``).
-    - ``<name>/trust/score`` — can the scores be read as a density (NaN: unknown, e.g. fewer
-      embedded rows than 4·K); ``<name>/trust/<diagnostic>`` — the Gaussianity report of
+    - ``<name>/trust/score`` — can the scores be read as a density under ``reading`` (NaN: unknown,
+      e.g. fewer embedded rows than 4·K); ``<name>/trust/<diagnostic>`` — the Gaussianity report of
       :mod:`jepa_monitor.diagnostics` on up to ``trust_samples`` embedded held-out rows
       (``n_samples``, ``dim``, ``epps_pulley``, ``mean_offset``, ``eig_max``, ``eig_min``,
       ``condition_number``, ``effective_rank``, ``norm_mean``, ``norm_cv_ratio``,
@@ -79,17 +89,21 @@ class JEPAScoreMonitor(Callback):
       mahalanobis and knn on the Jacobian-scored rows.
     - ``<name>/time/score_seconds``, ``total_score_seconds`` — the last measurement and all monitor
       time since fit start (scoring, trust, logging, export, curation); ``share`` — the measurement
-      part of it (curation excluded) over the wall time after the fit-start evaluation, what
-      ``budget`` bounds; ``curation_share`` — curation's seconds over the same wall time;
-      ``fit_start_seconds`` — that first evaluation (a burst outside the budget); ``budget``,
-      ``curation_budget``; ``heldout_gap`` — batches between held-out evaluations chosen by the
-      budget; ``heldout_rows``, ``incoming_rows`` — rows the budget lets the next evaluations score
-      (the configured maxima unless that would space evaluations more than 1000 batches apart);
-      ``<name>/monitor/failures_total``.
+      part of it (curation excluded) over the wall time after the fit-start evaluation;
+      ``curation_share`` — curation's seconds over the same wall time; ``fit_start_seconds`` — that
+      first evaluation. These seconds are reported, never used to decide. ``budget``,
+      ``curation_budget`` — the configured shares of training's passes; ``heldout_gap`` — batches
+      between held-out evaluations chosen by the budget; ``heldout_rows``, ``incoming_rows`` — rows
+      the budget lets the next evaluations score (the configured maxima unless that would space
+      evaluations more than 1000 batches apart); ``<name>/monitor/failures_total``.
     - With a ``policy``, every ``trainer.log_every_n_steps`` batches: ``<name>/policy/fraction_dropped``,
       ``mean_weight``, ``batch_weight``, ``active`` (current batch) and ``<name>/policy/<counter>_total`` for
-      every counter of the policy (rows seen, dropped, not applied, scored by Jacobian, decided by
-      the gate, estimated, capped, non-finite, …; see :class:`jepa_monitor.policies.ThresholdPolicy`).
+      every counter of the policy (rows seen, dropped, not applied, scored by Jacobian, sketched,
+      decided by the gate, estimated, capped, non-finite, …; see
+      :class:`jepa_monitor.policies.ThresholdPolicy`); with ``reading="fitted"``,
+      ``<name>/policy/refresh_gap`` (batches until the policy's reference is read again) and
+      ``<name>/policy/stale_drop`` (share of fresh held-out rows the previous reading put below its
+      5 % quantile at the latest refresh; about 0.05 when the encoder did not move).
 
     **SummaryWriter only** (global rank 0, any logger whose ``experiment`` has one, e.g. either
     namespace's ``TensorBoardLogger``; other loggers are warned about once): histograms
@@ -107,13 +121,15 @@ class JEPAScoreMonitor(Callback):
         heldout: a DataLoader (batches laid out as training batches), a tensor, or the path of a
             ``torch.save``-d tensor or dict batch. Read once, into CPU memory.
         every_n_steps: held-out evaluation every this many training batches (None: spaced by ``budget``).
-        budget: the share of training wall time the monitor's measurements may spend (scoring,
-            trust, logging, export); None: no budget (then ``every_n_steps`` is needed).
-        curation_budget: with a ``policy``, the time curating a batch may add, as a share of a
-            training batch's own time, on average (0.2: at most a fifth more). The policy's
-            Jacobian rows per batch are paced to it (``callbacks/_pacing.py``); rows it cannot pay for
-            are decided from the gate's estimate (``rows_estimated``). The embedding forward pass is
-            paid in any case. None: no pacing (the policy's ``gate_budget`` alone caps the rows).
+        budget: the share of training's backward passes (one per training row) the monitor's
+            evaluations may cost (a Jacobian-scored row costs K, an embedded row one); None: no
+            budget (then ``every_n_steps`` is needed).
+        curation_budget: with a ``policy``, the backward passes curation may add, as a share of a
+            training batch's rows (0.2 on a 128-row batch: 25.6 passes a batch, 1.6 exact rows at
+            K = 16), saved up and spent on whole batches of Jacobian rows (``callbacks/_pacing.py``);
+            rows it cannot pay for are decided from the gate's estimate (``rows_estimated``). Keeping
+            the policy's reference fresh is paid from it too; the embedding forward pass of each
+            batch is not counted. None: no pacing (the policy's ``gate_budget`` alone caps the rows).
         input_key, id_key: where the input / the sample ids sit in a batch: a key or index, a path
             (``"views.0.image"``, ``("views", 0, "image")``, ``(0, 0)``) or a callable ``batch -> tensor``.
         encoder_kwargs_keys: side inputs of the encoder, e.g. ``{"attention_mask": "attention_mask"}``
@@ -131,6 +147,8 @@ class JEPAScoreMonitor(Callback):
         policy: a curation policy (:mod:`jepa_monitor.policies`, or any :class:`~jepa_monitor.policies.Policy`).
         weight_key: batch key for per-sample weights (a policy's own ``weight_key`` wins).
         name: prefix of every key, export file and ``state_key``: two monitors need two names.
+        reading: ``"fitted"`` (default) or ``"isotropic"``: the Gaussian ``log_prior`` reads the
+            embedding through (see "The reading" above).
         drift_component, drift_threshold: the component and KS level of the alerts.
         alert_on: which alerts warn: ``("data_shift",)`` by default; add ``"model_change"``.
         num_images: images per grid (0: none). export: ``True``/``"csv"``, ``"parquet"`` or False.
@@ -394,7 +412,9 @@ class JEPAScoreMonitor(Callback):
             self._curation_passes += int(result["decision"].n_scored) * self._row_passes
         if "decision" in result and trainer.log_every_n_steps and b % trainer.log_every_n_steps == 0:
             with self.report.guard("curated batch", b):
-                self.report.curated_batch(trainer, self.curation.metrics(result), result["weight"])
+                refresh = {"refresh_gap": self._refresh.gap, "stale_drop": self._refresh.stale_drop} \
+                    if self.reading == "fitted" and self._refresh.jepa is not None else None
+                self.report.curated_batch(trainer, self.curation.metrics(result, refresh), result["weight"])
 
     # ------------------------------------------------------------------ measurements
     def _measure(self, trainer: Any, compute: Callable[[], torch.Tensor], what: str, strict: bool) -> Optional[mon.Measurement]:

@@ -222,19 +222,66 @@ def test_no_logger_warns_once_and_still_exports(tmp_path):
     assert set(out["sample_id"][out["split"] == "incoming"]) <= {str(1000 + i) for i in range(48)}
 
 
+def documented_keys(doc: str) -> set:
+    """Every key the monitor's docstring lists, in its generic form: within a bullet, a backticked
+    ``<name>/...`` key sets the prefix that the bare names after it (``std``, ``p1``, ...) extend."""
+    import re
+
+    keys, bullet = set(), ""
+    for line in doc.splitlines() + ["    -"]:
+        if line.startswith("    - ") or line.strip() == "-" or not line.strip():
+            prefix = None
+            for token in re.findall(r"``([^`]+)``", bullet):
+                if token.startswith("<name>/"):
+                    keys.add(token)
+                    prefix = token.rsplit("/", 1)[0]
+                elif prefix is not None and re.fullmatch(r"[a-z0-9_<>]+", token):
+                    keys.add(f"{prefix}/{token}")
+            bullet = line
+        else:
+            bullet += " " + line.strip()
+    return keys
+
+
+def generic_forms(key: str) -> set:
+    """The documented spellings a logged key may have (``<split>``, ``<c>``, ``<counter>``, ...)."""
+    from jepa_monitor.diagnostics import REPORT_KEYS
+    from jepa_monitor.policies import COUNT_KEYS
+
+    name, *rest = key.split("/")
+    parts = ["<name>", *("<c>" if r in ("jepa_score", "log_prior", "log_density") else r for r in rest)]
+    forms = {"/".join(parts)}
+    if parts[1] in ("heldout", "incoming", "validate", "test"):
+        forms.add("/".join(["<name>", "<split>", *parts[2:]]))
+    if parts[1] == "policy" and parts[-1].endswith("_total") and parts[-1][:-6] in COUNT_KEYS:
+        forms.add("<name>/policy/<counter>_total")
+    if parts[1] == "trust" and len(parts) == 3 and parts[2] in REPORT_KEYS:
+        forms.add("<name>/trust/<diagnostic>")
+    if "_vs_" in parts[-1]:
+        forms.add("/".join([*parts[:-1], "<a>_vs_<b>"]))
+    return forms
+
+
+def test_documented_keys_parser_is_strict():
+    doc = JEPAScoreMonitor.__doc__
+    keys = documented_keys(doc)
+    assert "<name>/<split>/<c>/p95" in keys and "<name>/time/share" in keys
+    assert not generic_forms("jepa/heldout/log_density/mean2") & keys  # a last word alone is not enough
+    assert not generic_forms("jepa/time/mean") & keys
+
+
 def test_csv_and_tensorboard_get_every_documented_key(tmp_path):
+    from jepa_monitor.policies import Drop
+
     tb = TensorBoardLogger(tmp_path, name="tb")
     csvl = CSVLogger(tmp_path, name="csv")
-    cb = monitor(heldout=heldout_loader(image=True), num_images=3)
-    trainer(tmp_path, [cb], logger=[tb, csvl]).fit(TinyModule(image=True), train_loader(image=True))
+    cb = monitor(heldout=heldout_loader(image=True), num_images=3, policy=Drop(warmup=0))
+    trainer(tmp_path, [cb], logger=[tb, csvl], log_every_n_steps=1).fit(TinyModule(image=True), train_loader(image=True))
     keys = {k for row in csv_metrics(csvl) for k, v in row.items() if v != "" and k != "step"}
-    doc = JEPAScoreMonitor.__doc__
-    for key in keys:
-        name, split, *rest = key.split("/")
-        assert name == "jepa"
-        generic = "/".join(["<name>", "<split>" if split in ("heldout", "incoming") else split,
-                            *("<c>" if r in ("jepa_score", "log_prior", "log_density") else r for r in rest)])
-        assert generic.split("/")[-1].split("_vs_")[0] in doc and (split in ("time", "monitor", "trust") or "<split>" in generic), key
+    documented = documented_keys(JEPAScoreMonitor.__doc__)
+    undocumented = sorted(k for k in keys if not generic_forms(k) & documented)
+    assert not undocumented, undocumented
+    assert {"jepa/policy/refresh_gap", "jepa/policy/stale_drop", "jepa/policy/rows_sketched_total"} <= keys
     comps = ("jepa_score", "log_prior", "log_density")
     stats = ("mean", "std", "p1", "p5", "p50", "p95")
     expected = {f"jepa/{s}/{c}/{st}" for s in ("heldout", "incoming") for c in comps for st in stats}
