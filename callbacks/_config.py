@@ -12,6 +12,7 @@ from jepa_monitor.batches import Key, get_ids, get_input
 
 from jepa_monitor.export import FORMATS
 from jepa_monitor.monitoring import ALERTS
+from jepa_monitor.policies import POLICY_MEMBERS, Policy
 from jepa_monitor.scorer import Scorer
 from jepa_monitor.scores import COMPONENTS
 
@@ -21,13 +22,17 @@ from ._heldout import HeldoutSet, load_heldout, side_inputs, trim_for_trust
 MAX_TRUST_SAMPLES = 4096
 
 
-def check_arguments(*, heldout: Any, encoder: Any, every_n_steps: Optional[int], heldout_max_samples: int,
+def check_arguments(*, heldout: Any, encoder: Any, policy: Any, every_n_steps: Optional[int], heldout_max_samples: int,
                     incoming_max_rows: int, max_failures: int, incoming_every_n_steps: Optional[int],
                     trust_samples: Any, components: Sequence[str], drift_component: str,
                     alert_on: Sequence[str], export: Any) -> Any:
     """Raise naming the first bad argument; returns ``export`` normalised (True -> "csv")."""
     if heldout is None:
         raise ValueError("JEPAScoreMonitor needs heldout=<DataLoader or tensor of held-out samples>.")
+    if policy is not None and not isinstance(policy, Policy):
+        missing = [m for m in POLICY_MEMBERS if not hasattr(policy, m)]
+        raise TypeError(f"policy={type(policy).__name__} does not implement jepa_monitor.policies.Policy "
+                        f"(missing: {', '.join(missing)}).")
     if not (isinstance(encoder, str) or callable(encoder)):
         raise TypeError("encoder must be a dotted attribute path on the LightningModule or a callable module -> encoder.")
     if every_n_steps is not None and (not isinstance(every_n_steps, int) or every_n_steps < 1):
@@ -96,14 +101,6 @@ def check_batch(batch: Any, *, input_key: Key, id_key: Key, side_keys: dict, sco
     get_ids(batch, id_key, x.shape[0])
     side_inputs(batch, side_keys)
     check_input_dtype(x, f"input_key={input_key!r}", score_options)
-
-
-def resolve_weight_key(policy: Any, weight_key: str) -> str:
-    """The batch key of per-sample weights: a policy's own ``weight_key`` wins (raises when they differ)."""
-    policy_key = getattr(policy, "weight_key", "sample_weight")
-    if policy_key != "sample_weight" and weight_key not in ("sample_weight", policy_key):
-        raise ValueError(f"weight_key={weight_key!r} on the monitor and {policy_key!r} on the policy differ; set it in one place.")
-    return policy_key if policy_key != "sample_weight" else weight_key
 
 
 def read_heldout(source: Any, scorer: Any, device: Any, *, input_key: Key, id_key: Key, side_keys: Mapping[str, Key],

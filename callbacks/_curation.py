@@ -11,7 +11,6 @@ here, which measured 1.4-2.9× the loop's speed at 1-16 rows on the demo's encod
 
 from __future__ import annotations
 
-import inspect
 import time
 import warnings
 from typing import Any, Dict, List, Mapping, Optional
@@ -32,13 +31,11 @@ class Curation:
     """The policy of one monitor, applied to training batches."""
 
     def __init__(self, policy: Any, keys: MetricKeys, tag: str, *, input_key: Key, id_key: Key,
-                 side_keys: Mapping[str, Key], weight_key: str, max_failures: int,
-                 curation_budget: Optional[float] = None) -> None:
+                 side_keys: Mapping[str, Key], max_failures: int) -> None:
         self.policy, self.keys = policy, keys
-        # A policy whose decide_batch takes max_scored can be paced (Drop and Reweight can).
-        paceable = "max_scored" in inspect.signature(policy.decide_batch).parameters
-        self.pacer = CurationPacer(curation_budget) if curation_budget is not None and paceable else None
-        self.input_key, self.id_key, self.side_keys, self.weight_key = input_key, id_key, side_keys, weight_key
+        budget = policy.curation_budget
+        self.pacer = CurationPacer(budget) if budget is not None else None
+        self.input_key, self.id_key, self.side_keys = input_key, id_key, side_keys
         self.failures = FailureCounter.for_curation(tag, max_failures)
         self.pending: List[Dict[str, Any]] = []
         self.tag, self.warned_estimate = tag, False
@@ -51,42 +48,39 @@ class Curation:
         start = time.perf_counter()
         if isinstance(scorer, Scorer) and scorer.vectorize is None:
             scorer = scorer.replace(vectorize="auto")  # module docstring
-        paced = {}
         try:
             x = get_input(batch, self.input_key)
-            if self.pacer is not None:
-                paced["max_scored"] = self.pacer.max_rows(x.shape[0], passes_per_row)
+            cap = None if self.pacer is None else self.pacer.max_rows(x.shape[0], passes_per_row)
             ids = get_ids(batch, self.id_key, x.shape[0])
             side = side_inputs(batch, self.side_keys)
             with torch.inference_mode(False), torch.no_grad():
-                decision = self.policy.decide_batch(scorer, x, batch_index, trust, side=side, **paced)
+                decision = self.policy.decide_batch(scorer, x, batch_index, trust, side=side, max_scored=cap)
         except Exception as err:
             self.failures.failed(f"{batch_index}", err)
             return {"seconds": time.perf_counter() - start}
         self.failures.succeeded()
-        n_estimated, n = int(getattr(decision, "n_estimated", 0)), int(decision.keep.numel())
+        n_estimated, n = int(decision.n_estimated), int(decision.keep.numel())
         if 4 * n_estimated > 3 * n and decision.n_gated == 0 and not self.warned_estimate:
             # The embedding alone decided no row and most rows were estimated (e.g. a LayerNorm'd
             # embedding whose prior term is the same for every row): the budget then decides nearly blind.
             self.warned_estimate = True
             warnings.warn(f"{self.tag}: curation decided {n_estimated} of {n} rows at training batch {batch_index} from "
                           "an estimate (prior term + the reference's median Jacobian term), not from their Jacobian: "
-                          "the embedding's prior did not separate them and the policy's gate_budget (or the monitor's "
+                          "the embedding's prior did not separate them and the policy's gate_budget (or its "
                           "curation_budget pacing) capped the Jacobian rows. Such decisions are only as good as that "
                           "estimate (watch rows_estimated_total); raise curation_budget (None: no pacing) and the "
                           "policy's gate_budget (None: every undecided row exact) if junk gets through.",
                           RuntimeWarning, stacklevel=2)
         # Editing the batch is not a measurement: an error here is a bug and must surface rather
         # than train on a half-edited batch.
-        edit = apply_decision(batch, decision, input_key=self.input_key, weight_key=self.weight_key,
+        edit = apply_decision(batch, decision, input_key=self.input_key, weight_key=self.policy.weight_key,
                               mode=self.policy.mode)
         keep = decision.keep.detach().cpu().bool()
         weight = decision.weight.detach().cpu().float()
         touched = (~keep) | (weight < 1)  # rows the policy acted on, exported with what training saw
         if edit.not_applied:
             # Training sees these rows: the counters and the export must say so.
-            if hasattr(self.policy, "record_not_applied"):
-                self.policy.record_not_applied(edit.not_applied)
+            self.policy.record_not_applied(edit.not_applied)
             keep = torch.ones_like(keep)
             if not edit.weights_written:  # nor did a weight reach the loss: the rows trained at weight 1
                 weight = torch.ones_like(weight)

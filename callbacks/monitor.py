@@ -21,7 +21,7 @@ from jepa_monitor.whitening import Whitening
 from jepa_monitor.scores import COMPONENTS
 
 from ._clock import MonitorClock
-from ._config import build_scorer, check_arguments, check_batch, read_heldout, resolve_weight_key
+from ._config import build_scorer, check_arguments, check_batch, read_heldout
 from ._curation import Curation
 from ._distributed import compute_and_gather, gather_objects
 from ._failures import FailureCounter
@@ -124,12 +124,6 @@ class JEPAScoreMonitor(Callback):
         budget: the share of training's backward passes (one per training row) the monitor's
             evaluations may cost (a Jacobian-scored row costs K, an embedded row one); None: no
             budget (then ``every_n_steps`` is needed).
-        curation_budget: with a ``policy``, the backward passes curation may add, as a share of a
-            training batch's rows (0.2 on a 128-row batch: 25.6 passes a batch, 1.6 exact rows at
-            K = 16), saved up and spent on whole batches of Jacobian rows (``callbacks/_pacing.py``);
-            rows it cannot pay for are decided from the gate's estimate (``rows_estimated``). Keeping
-            the policy's reference fresh is paid from it too; the embedding forward pass of each
-            batch is not counted. None: no pacing (the policy's ``gate_budget`` alone caps the rows).
         input_key, id_key: where the input / the sample ids sit in a batch: a key or index, a path
             (``"views.0.image"``, ``("views", 0, "image")``, ``(0, 0)``) or a callable ``batch -> tensor``.
         encoder_kwargs_keys: side inputs of the encoder, e.g. ``{"attention_mask": "attention_mask"}``
@@ -144,8 +138,10 @@ class JEPAScoreMonitor(Callback):
         incoming_max_rows: rows of the training batch scored (at most; the budget may take fewer, down to 8).
         components: components logged. score_options: fields of :class:`jepa_monitor.Scorer`
             (``input_module`` may be a dotted path on the LightningModule).
-        policy: a curation policy (:mod:`jepa_monitor.policies`, or any :class:`~jepa_monitor.policies.Policy`).
-        weight_key: batch key for per-sample weights (a policy's own ``weight_key`` wins).
+        policy: a curation policy (:mod:`jepa_monitor.policies`, or any :class:`~jepa_monitor.policies.Policy`);
+            its ``curation_budget`` paces the Jacobian rows it scores (counted backward passes, a
+            share of a training batch's rows; the refresh of its reference is paid from it too),
+            and per-sample weights go under its ``weight_key``.
         name: prefix of every key, export file and ``state_key``: two monitors need two names.
         reading: ``"fitted"`` (default) or ``"isotropic"``: the Gaussian ``log_prior`` reads the
             embedding through (see "The reading" above).
@@ -166,7 +162,6 @@ class JEPAScoreMonitor(Callback):
         *,
         every_n_steps: Optional[int] = None,
         budget: Optional[float] = 0.05,
-        curation_budget: Optional[float] = 0.2,
         input_key: Key = 0,
         id_key: Key = None,
         encoder_kwargs_keys: Union[Mapping[str, Key], Sequence[str], None] = None,
@@ -177,7 +172,6 @@ class JEPAScoreMonitor(Callback):
         components: Sequence[str] = COMPONENTS,
         score_options: Optional[Dict[str, Any]] = None,
         policy: Any = None,
-        weight_key: str = "sample_weight",
         name: str = "jepa",
         reading: str = "fitted",
         drift_component: str = "log_density",
@@ -191,11 +185,10 @@ class JEPAScoreMonitor(Callback):
     ) -> None:
         super().__init__()
         export = check_arguments(
-            heldout=heldout, encoder=encoder, every_n_steps=every_n_steps, heldout_max_samples=heldout_max_samples,
+            heldout=heldout, encoder=encoder, policy=policy, every_n_steps=every_n_steps, heldout_max_samples=heldout_max_samples,
             incoming_max_rows=incoming_max_rows, max_failures=max_failures, incoming_every_n_steps=incoming_every_n_steps,
             trust_samples=trust_samples, components=components, drift_component=drift_component, alert_on=alert_on,
             export=export)
-        self.weight_key = resolve_weight_key(policy, weight_key)
         self.keys = mon.MetricKeys(name)
         self.encoder, self.heldout, self.name = encoder, heldout, name
         self.every_n_steps, self.incoming_every_n_steps, self.budget = every_n_steps, incoming_every_n_steps, budget
@@ -223,8 +216,7 @@ class JEPAScoreMonitor(Callback):
                                drift_threshold=drift_threshold, alert_on=alert_on, num_images=num_images, export=export)
         self.curation = None if policy is None else Curation(
             policy, self.keys, self._tag, input_key=input_key, id_key=id_key, side_keys=self.side_keys,
-            weight_key=self.weight_key, max_failures=max_failures, curation_budget=curation_budget)
-        self.curation_budget = curation_budget
+            max_failures=max_failures)
         self.failures = FailureCounter.for_scoring(self._tag, max_failures)
         # persisted (state_dict)
         self.tracker = mon.ScoreTracker(self.keys, components=self.components, drift_component=drift_component,
@@ -599,7 +591,8 @@ class JEPAScoreMonitor(Callback):
 
     def _time_metrics(self, seconds: float) -> Dict[str, float]:
         return self.clock.metrics(self.keys, seconds, failures_total=self.failures.total, budget=self.budget,
-                                  curation_budget=self.curation_budget, curating=self.curation is not None,
+                                  curation_budget=None if self.policy is None else self.policy.curation_budget,
+                                  curating=self.curation is not None,
                                   gap=self.schedule.gap)
 
     def _flush_curated(self, trainer: Any) -> None:

@@ -419,8 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=d.seed, help="seed of data, junk and model (default 0)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo.add_argument("--curation-budget", default=str(d.curation_budget),
-                      help=f"the monitor's curation_budget: time curating may add to a training batch, as a share "
-                           f"(default {d.curation_budget}); 'none' scores every row the policy's gate_budget allows")
+                      help=f"the policy's curation_budget: backward passes its Jacobian rows may add to a training "
+                           f"batch, as a share of the batch's rows (default {d.curation_budget}); 'none' scores every "
+                           "row the policy's gate_budget allows")
     demo.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; on a busy machine 1 avoids threads spinning against other jobs)")
     demo.set_defaults(func=cmd_demo)
 

@@ -218,6 +218,8 @@ class Policy(Protocol):
 
     - ``mode``: "drop" (rows with ``keep`` False are removed from the batch) or "reweight"
       (``weight`` is written into the batch under ``weight_key``).
+    - ``curation_budget``: the share of a training batch's backward passes the monitor lets this
+      policy's Jacobian rows cost (passed to ``decide_batch`` as ``max_scored``), or None.
     - ``score_key``: the component the policy reads ("log_density", "jepa_score", "log_prior").
     - ``counts``: cumulative counters (str -> number), all logged as ``<name>/policy/<key>_total``.
       The monitor adds ``rows_not_applied`` (rows a policy dropped that the batch type could not
@@ -229,8 +231,10 @@ class Policy(Protocol):
     - ``decide_batch(scorer, x, step, trust, side=...)`` -> :class:`Decision`. ``scorer`` has
       ``score(x, **side) -> SampleScores``, ``embed(x, **side) -> (B, K)``, ``log_prior(z) -> (B,)``
       (the prior term as the scores read it) and ``sketched(m)`` (the same scorer with a sketched
-      Jacobian). A policy whose ``decide_batch`` also takes ``max_scored=`` is paced by the
-      monitor's ``curation_budget`` (at most that many rows scored with the Jacobian in this batch).
+      Jacobian). ``max_scored``: at most that many rows scored with the Jacobian in this batch
+      (the monitor's pacing of ``curation_budget``; None: no cap).
+    - ``record_not_applied(rows)``: ``rows`` the policy dropped stayed in the batch (it could not
+      be edited); the counters should say training saw them.
     - ``sketch_rows(k)``: directions of the sketched Jacobian the policy scores rows with for a
       K-dimensional embedding, or None (exact); when not None the monitor adds the reference rows'
       sketched ``sketch_score`` to the mapping given to ``calibrate``.
@@ -240,6 +244,7 @@ class Policy(Protocol):
     mode: str
     weight_key: str
     score_key: str
+    curation_budget: Optional[float]
     counts: Dict[str, float]
 
     def calibrate(self, reference: Reference, *, step: int = 0, trust: Optional[float] = None) -> None: ...
@@ -249,12 +254,18 @@ class Policy(Protocol):
     def sketch_rows(self, k: int) -> Optional[int]: ...
 
     def decide_batch(self, scorer: Any, x: torch.Tensor, step: int, trust: Optional[float] = None, *,
-                     side: Optional[Mapping[str, Any]] = None) -> Decision: ...
+                     side: Optional[Mapping[str, Any]] = None, max_scored: Optional[int] = None) -> Decision: ...
+
+    def record_not_applied(self, rows: int) -> None: ...
 
     def state_dict(self) -> Dict[str, Any]: ...
 
     def load_state_dict(self, state: Dict[str, Any]) -> None: ...
 
+
+#: The members of :class:`Policy`, for the error that names what a user's policy lacks.
+POLICY_MEMBERS = ("mode", "weight_key", "score_key", "curation_budget", "counts", "calibrate", "needs_refresh",
+                  "sketch_rows", "decide_batch", "record_not_applied", "state_dict", "load_state_dict")
 
 COUNT_KEYS = (
     "batches", "active_batches", "anomalous_batches", "rows_seen", "rows_dropped", "rows_not_applied",
@@ -288,6 +299,12 @@ class ThresholdPolicy:
             (see :class:`jepa_monitor.Scorer`), the level mapped onto the exact score by a line fitted
             on the reference rows (given as ``sketch_score`` to :meth:`calibrate`); ``"auto"``
             (default): exact up to K = 64, max(16, K // 8) directions above; None: always exact.
+        curation_budget: inside the monitor, the backward passes this policy's Jacobian rows may
+            add, as a share of a training batch's rows (0.2 on a 128-row batch: 25.6 passes, 1.6
+            exact rows at K = 16), saved up and spent on whole batches of rows
+            (``callbacks/_pacing.py``); the rest of the undecided rows are decided from the gate's
+            estimate (``rows_estimated``). Counted, never timed: the same seed curates the same
+            rows on any machine. None: no pacing (``gate_budget`` alone caps the rows).
         weight_key: the batch key weights are written under (dict batches).
 
     State (``state_dict``): ``threshold``, ``reference_median`` and ``reference_low`` (the reference's
@@ -319,6 +336,7 @@ class ThresholdPolicy:
         gate_margin: float = 0.1,
         gate_budget: Optional[int] = 16,
         sketch: Union[int, str, None] = "auto",
+        curation_budget: Optional[float] = 0.2,
         weight_key: str = "sample_weight",
     ) -> None:
         if not 0.0 < quantile < 1.0:
@@ -344,6 +362,9 @@ class ThresholdPolicy:
             raise ValueError(f"gate_margin={gate_margin!r} must be >= 0.")
         if gate_budget is not None and not (isinstance(gate_budget, int) and gate_budget >= 0):
             raise ValueError(f"gate_budget={gate_budget!r} must be a number of rows (>= 0) or None (no cap).")
+        if curation_budget is not None and not (isinstance(curation_budget, (int, float)) and curation_budget > 0):
+            raise ValueError(f"curation_budget={curation_budget!r} must be a positive share of a training batch's "
+                             "backward passes, or None (no pacing).")
         if not (sketch in (None, "auto") or (isinstance(sketch, int) and sketch >= 1)):
             raise ValueError(f"sketch={sketch!r} must be 'auto', a number of output directions (>= 1) or None (exact).")
         self.quantile = float(quantile)
@@ -359,6 +380,7 @@ class ThresholdPolicy:
         self.gate_margin = float(gate_margin)
         self.gate_budget = gate_budget
         self.sketch = sketch
+        self.curation_budget = None if curation_budget is None else float(curation_budget)
         self.weight_key = weight_key
         self.sketch_level: Optional[Tuple[float, float]] = None  # exact ≈ a·sketched + b on the reference
         self.sketch_dim: Optional[int] = None  # directions of the sketch that level was fitted for

@@ -197,13 +197,22 @@ def test_a_fault_while_reporting_is_a_warning_not_the_end_of_the_run(tmp_path, m
     assert len(cb.history) == 1 + 3 + 6  # statistics were computed before the export failed
 
 
-def test_reweight_key_set_on_the_policy_is_honoured():
+def test_policy_options_live_on_the_policy_and_a_user_policy_must_meet_the_protocol():
     from jepa_monitor.policies import Reweight
 
-    assert monitor(policy=Reweight(weight_key="w")).weight_key == "w"
-    assert monitor(policy=Reweight(), weight_key="w").weight_key == "w"
-    with pytest.raises(ValueError, match="differ; set it in one place"):
-        monitor(policy=Reweight(weight_key="a"), weight_key="b")
+    with pytest.raises(TypeError, match="weight_key"):
+        monitor(policy=Reweight(), weight_key="w")  # one place only: the policy
+    with pytest.raises(TypeError, match="curation_budget"):
+        monitor(policy=Reweight(), curation_budget=0.1)
+
+    class Partial:
+        mode, score_key, weight_key, counts = "drop", "log_density", "w", {}
+
+        def decide_batch(self, *args, **kwargs):
+            raise AssertionError
+
+    with pytest.raises(TypeError, match="does not implement .*missing: curation_budget, calibrate"):
+        monitor(policy=Partial())
 
 
 def test_curation_warns_once_when_most_rows_are_decided_from_an_estimate():
@@ -214,16 +223,16 @@ def test_curation_warns_once_when_most_rows_are_decided_from_an_estimate():
     from jepa_monitor.policies import Decision
 
     class Blind:
-        mode, score_key, weight_key = "drop", "log_density", "sample_weight"
+        mode, score_key, weight_key, curation_budget = "drop", "log_density", "sample_weight", None
         counts = {}
 
-        def decide_batch(self, scorer, x, step, trust, side=None):
+        def decide_batch(self, scorer, x, step, trust, side=None, max_scored=None):
             n = x.shape[0]
             return Decision(torch.ones(n, dtype=torch.bool), torch.ones(n), torch.full((n,), float("nan")), 1.0, True,
                             n_scored=1, n_estimated=n - 1, n_gated=0)
 
     cur = Curation(Blind(), MetricKeys("jepa"), "tag", input_key="x", id_key=None, side_keys={},
-                   weight_key="sample_weight", max_failures=3)
+                   max_failures=3)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for b in range(3):

@@ -101,10 +101,11 @@ def run(policy, tmp_path, export=False, curation_budget=None, reading="isotropic
     # some rows from an estimate) and the fitted reading (an estimate of N(0, I)) have their own test.
     a, x, junk, heldout = make_world()
     model = Recorder(a)
+    policy.curation_budget = curation_budget
     monitor = JEPAScoreMonitor(
         encoder="encoder", heldout=heldout, heldout_max_samples=256, every_n_steps=10_000,
         input_key="x", id_key="id", incoming_every_n_steps=None, policy=policy, export=export,
-        num_images=0, curation_budget=curation_budget, reading=reading,
+        num_images=0, reading=reading,
     )
     trainer = pl.Trainer(
         max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,

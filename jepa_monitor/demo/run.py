@@ -51,7 +51,7 @@ class DemoConfig:
     seed: int = 0
     progress: bool = True
     threads: Optional[int] = None
-    curation_budget: Optional[float] = 0.2  # the monitor's default
+    curation_budget: Optional[float] = 0.2  # the policy's default
 
 
 @dataclass
@@ -80,12 +80,12 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def make_policy(quantile: float):
+def make_policy(quantile: float, curation_budget: Optional[float] = 0.2):
     """The curation policy of the filtered run: ``Drop`` with its defaults, rows below the held-out
-    ``quantile`` (acting once trust has passed)."""
+    ``quantile`` (acting once trust has passed), its Jacobian rows paced to ``curation_budget``."""
     from ..policies import Drop
 
-    return Drop(quantile=quantile)
+    return Drop(quantile=quantile, curation_budget=curation_budget)
 
 
 def train(
@@ -111,7 +111,6 @@ def train(
         input_key="x",
         id_key="id",
         policy=policy,
-        curation_budget=config.curation_budget,
         seed=config.seed,
     )
     torch.manual_seed(config.seed)
@@ -254,7 +253,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
     seconds: Dict[str, float] = {}
     probe: Dict[str, float] = {}
 
-    policy = make_policy(config.quantile) if config.filter else None
+    policy = make_policy(config.quantile, config.curation_budget) if config.filter else None
     version = "filtered" if config.filter else "unfiltered"
     module, seconds[version], alerts = train(config, splits, stream, device=device, policy=policy, version=version)
     encoder = module.encoder.to(device).eval()
