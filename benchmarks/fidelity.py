@@ -7,10 +7,17 @@ dimensions, train a small MLP encoder to K dimensions with view invariance + SIG
 - Spearman rank correlation with the true log p(x) of every score (higher = better),
 - AUROC / FPR95 of every score for a far-shifted copy of the mixture (outliers) vs inliers.
 
-Baselines (Mahalanobis, kNN) and the whitening are fitted on a separate reference split. The
+Baselines (Mahalanobis, kNN), the fitted reading and the whitening are fitted on a separate
+reference split. "log_density" is the paper's isotropic reading, jepa_score + log N(z; 0, I). "fitted"
+is the monitor's default reading (``jepa_monitor.reading``): jepa_score of the plain encoder +
+log N(z; μ, Σ), (μ, Σ) the Ledoit–Wolf-shrunk Gaussian of the reference embeddings
+(``fit_reading``, shrinkage "auto"). The
 "whitened" column is log_density of ``jepa_monitor.whitening.WhitenedEncoder`` (the encoder
 followed by z ↦ Σ^{-1/2}(z - μ), Ledoit–Wolf shrunk reference fit), scored exactly for every K:
-for K <= D JEPA-SCORE shifts by a constant and the prior becomes the Mahalanobis term.
+for K <= D JEPA-SCORE shifts by a constant and the prior becomes the Mahalanobis term, so
+"whitened" equals "fitted" there (to float rounding: the sum is the same number); for K > D the
+whitened JEPA-SCORE changes by a sample-dependent amount and the two differ ("fitted" keeps the
+plain encoder's JEPA-SCORE, "whitened" needs a second Jacobian pass).
 Each encoder is also evaluated followed by a fixed affine map z ↦ z·diag(3 … 1/3) + e₁ (rows
 "A·z+b"): embeddings that are Gaussian but neither centred nor isotropic, the case whitening is for
 (an encoder whose SIGReg weight is too low, or one early in training). A calibration line runs
@@ -33,11 +40,12 @@ from torch import nn
 from jepa_monitor import score_samples
 from jepa_monitor.evaluation import fit_baselines, ood_metrics, score_columns, spearman
 from jepa_monitor.gaussianity import epps_pulley
+from jepa_monitor.reading import fit_reading, log_prior
 from synthetic import ProductMixture, random_mixture, train_sigreg_encoder
 from jepa_monitor.whitening import Whitening, WhitenedEncoder
 
 SHAPES = (("K<D", 8, 4), ("K>D", 4, 8), ("K=D", 4, 4))
-COLUMNS = ("jepa_score", "log_density", "log_prior", "mahalanobis", "knn", "whitened")
+COLUMNS = ("jepa_score", "log_density", "fitted", "log_prior", "mahalanobis", "knn", "whitened")
 N_REF, N_EVAL, N_OUT = 1000, 2000, 500
 SHIFT = 12.0  # outlier offset norm; mixture means are spread with std 3
 
@@ -59,12 +67,19 @@ def evaluate(encoder: nn.Module, x_ref, x_eval, x_out, true_lp) -> dict:
     """Every column's (Spearman with true log p, AUROC, FPR95) for one encoder."""
     ref = score_samples(encoder, x_ref)
     baselines = fit_baselines(ref.embedding)
+    gaussian = fit_reading(ref.embedding, shrinkage="auto")
     whitened = WhitenedEncoder(encoder, Whitening.fit(ref.embedding)).eval()
-    cols_in = score_columns(score_samples(encoder, x_eval), baselines)
-    cols_out = score_columns(score_samples(encoder, x_out), baselines)
+    scores_in, scores_out = score_samples(encoder, x_eval), score_samples(encoder, x_out)
+    cols_in = score_columns(scores_in, baselines)
+    cols_out = score_columns(scores_out, baselines)
+    # The default reading: the plain encoder's JEPA-SCORE + log N(z; mu, Sigma) of the reference fit.
+    cols_in["fitted"] = scores_in.jepa_score.double() + log_prior(scores_in.embedding, gaussian)
+    cols_out["fitted"] = scores_out.jepa_score.double() + log_prior(scores_out.embedding, gaussian)
     cols_in["whitened"] = score_samples(whitened, x_eval).log_density
     cols_out["whitened"] = score_samples(whitened, x_out).log_density
-    row = {}
+    row = {"fitted_vs_whitened": float(spearman(cols_in["fitted"], cols_in["whitened"].double())),
+           "fitted_minus_whitened": float((cols_in["fitted"] - cols_in["whitened"].double()).abs().max()),
+           "fitted_minus_whitened_sd": float((cols_in["fitted"] - cols_in["whitened"].double()).std())}
     for name in COLUMNS:
         m = ood_metrics(cols_in[name], cols_out[name])
         row[name] = (float(spearman(cols_in[name], true_lp)), float(m["auroc"]), float(m["fpr95"]))
@@ -124,7 +139,9 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     print(f"calibration: exact Gaussianizing map (D=K=4), Spearman(log_density, log p) = {calibration_line():.4f}")
     print(f"{seeds} seed(s), {steps} SIGReg steps, {N_REF} reference / {N_EVAL} eval / {N_OUT} shifted samples")
-    print("cells: mean±std over seeds; Spearman with true log p | AUROC shifted vs inliers | FPR95\n")
+    print("cells: mean±std over seeds; Spearman with true log p | AUROC shifted vs inliers | FPR95")
+    print("log_density = jepa_score + log N(z; 0, I) (isotropic); fitted = jepa_score + log N(z; mu, Sigma), "
+          "Ledoit-Wolf reference fit (default reading); whitened = log_density of WhitenedEncoder\n")
     header = "| shape | D | K | metric | " + " | ".join(COLUMNS) + " |"
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
@@ -141,6 +158,13 @@ def main(argv=None) -> None:
             f"jepa_score {[round(r['jepa_score'][0], 2) for r in rows]}; embedding Epps-Pulley "
             f"(N=1000; ~1 if Gaussian) {[round(r['gauss_ep'], 1) for r in rows]}; "
             f"train {statistics.mean(r['train_s'] for r in rows):.1f} s/encoder"
+        )
+        notes.append(
+            f"{label}: fitted vs whitened on inliers, per seed: Spearman "
+            f"{[round(r['fitted_vs_whitened'], 4) for r in rows]}, max |difference| (nats) "
+            f"{[round(r['fitted_minus_whitened'], 3) for r in rows]}, sd of the difference "
+            f"{[round(r['fitted_minus_whitened_sd'], 3) for r in rows]}; A·z+b: Spearman "
+            f"{[round(p[1]['fitted_vs_whitened'], 4) for p in pairs]}"
         )
     print()
     for line in notes:
