@@ -13,7 +13,7 @@ so under FSDP2 on CPU), so a synchronous scorer takes replicated rows instead of
 count of passes for a given row count, and no graph retained across backward passes, which FSDP1
 (Lightning's ``FSDPStrategy``) needs: it frees the gathered parameters after a backward pass, and
 the row loop's second backward pass on the retained graph then fails. An explicit ``vectorize`` in
-``score_options`` is kept as given.
+``score_options`` is kept as given; ``"auto"`` is refused with the reason.
 
 DDP does not need this (parameters are replicated; scoring makes no collective call), so the
 monitor turns it on by default only for sharded strategies (``rank_synchronous="auto"``).
@@ -21,19 +21,34 @@ monitor turns it on by default only for sharded strategies (``rank_synchronous="
 
 from __future__ import annotations
 
+import importlib
 from typing import Any, Dict, Optional, Tuple
 
 import torch
 
+from jepa_monitor.scorer import Scorer
 from jepa_monitor.scores import SampleScores
 
 from ._distributed import gather_objects
 
 
+def _sharded_strategies() -> tuple:
+    """Lightning's strategies that shard parameters (FSDP, DeepSpeed, ModelParallel), from both
+    namespaces (``lightning.pytorch`` and ``pytorch_lightning`` have distinct classes)."""
+    classes = []
+    for module in ("lightning.pytorch.strategies", "pytorch_lightning.strategies"):
+        try:
+            strategies = importlib.import_module(module)
+        except ImportError:
+            continue
+        classes += [getattr(strategies, n) for n in ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+                    if hasattr(strategies, n)]
+    return tuple(classes)
+
+
 def is_sharded(strategy: Any) -> bool:
     """FSDP, DeepSpeed and model-parallel strategies shard the module's parameters."""
-    name = type(strategy).__name__.lower()
-    return any(s in name for s in ("fsdp", "deepspeed", "modelparallel"))
+    return isinstance(strategy, _sharded_strategies())
 
 
 def synchronous_world(rank_synchronous: Any, strategy: Any, world_size: int) -> Optional[int]:
@@ -47,10 +62,13 @@ class SynchronousScorer:
 
     synchronized = True
 
-    def __init__(self, scorer: Any, world_size: int, filler: Tuple[torch.Tensor, Dict[str, torch.Tensor]]) -> None:
-        vectorize = getattr(scorer, "vectorize", 0)
-        if vectorize is None or vectorize is True or vectorize == "auto":
+    def __init__(self, scorer: Scorer, world_size: int, filler: Tuple[torch.Tensor, Dict[str, torch.Tensor]]) -> None:
+        if scorer.vectorize is None:
             scorer = scorer.replace(vectorize="replicated")  # the same passes on every rank (module docstring)
+        elif scorer.vectorize == "auto":
+            raise ValueError("vectorize='auto' times the row modes on each rank's own clock and may pick differently "
+                             "per rank, which hangs sharded training: leave vectorize unset (replicated rows are used) "
+                             "or choose a mode explicitly.")
         self.scorer, self.world_size = scorer, world_size
         self.filler_x, self.filler_side = filler  # one row (1, ...) and its side inputs
 

@@ -32,6 +32,10 @@ from ._schedule import Schedule
 from ._synchronous import SynchronousScorer, synchronous_world
 
 
+#: The version of :meth:`JEPAScoreMonitor.state_dict`; 2 (the previous release) is read too.
+STATE_VERSION = 3
+
+
 def _message(err: BaseException) -> str:
     return str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)  # KeyError quotes
 
@@ -265,10 +269,11 @@ class JEPAScoreMonitor(Callback):
         return None if self.report.exporter is None else str(self.report.exporter.path)
 
     def state_dict(self) -> Dict[str, Any]:
-        state = dict(version=2, batches=self._batches, trust=self._trust, history=list(self._history),
+        """Everything a resumed run needs (``version`` :data:`STATE_VERSION`)."""
+        state = dict(version=STATE_VERSION, batches=self._batches, trust=self._trust, history=list(self._history),
                      generator=self._generator.get_state(), failures=self.failures.state_dict(),
                      tracker=self.tracker.state_dict(), clock=self.clock.state_dict(),
-                     schedule=self.schedule.state_dict(), alerts=dict(self.tracker.alerts),
+                     schedule=self.schedule.state_dict(),
                      prior=None if self._prior is None else self._prior.state_dict())
         if self.curation is not None:
             state.update(self.curation.state_dict())
@@ -276,6 +281,12 @@ class JEPAScoreMonitor(Callback):
         return state
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Restore a state of this release or of release 2 (before the fitted reading: it has no
+        ``prior``, ``refresh`` nor ``pacer``, and its time-paced curation restarts its pacing)."""
+        version = int(state_dict.get("version", 1))
+        if not 2 <= version <= STATE_VERSION:
+            raise ValueError(f"{self._tag}: a checkpoint state of version {version} cannot be read by this release "
+                             f"(it reads versions 2 to {STATE_VERSION}).")
         self._batches, self._trust = int(state_dict["batches"]), state_dict["trust"]
         self._history = list(state_dict["history"])
         self.clock.load_state_dict(state_dict["clock"])

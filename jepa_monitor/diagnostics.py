@@ -185,6 +185,13 @@ _EIG_MIN_MARGIN = 3.5
 _NORM_CV_MARGIN = 3.5
 
 
+def is_trusted(trust: Optional[float]) -> bool:
+    """The one definition of "trusted": a known trust score at or above :data:`TRUST_THRESHOLD`
+    (None and NaN, "unknown", are not trusted). The monitor's warnings and anchor and the curation
+    policies' warm-up all use it."""
+    return trust is not None and trust >= TRUST_THRESHOLD
+
+
 def trust_rows(k: int) -> int:
     """Embedding rows to give the Gaussianity diagnostics for a K-dimensional embedding:
     ``MIN_ROWS_PER_DIM * k`` (4K). With N ≤ K + 1 rows the trust verdict is unknown whatever the

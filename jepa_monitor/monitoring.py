@@ -25,7 +25,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from .baselines import KNNScore, MahalanobisScore
-from .diagnostics import REPORT_KEYS, TRUST_THRESHOLD, disagreement, gaussianity_report, score_agreement, trust_score
+from .diagnostics import REPORT_KEYS, disagreement, gaussianity_report, is_trusted, score_agreement, trust_score
 from .diagnostics import rank_deficiency as _rank_deficiency
 from .diagnostics import weakest_diagnostic
 from .scores import COMPONENTS, SampleScores
@@ -200,10 +200,6 @@ def trust_metrics(keys: MetricKeys, embedding: torch.Tensor, scores: Optional[Ma
             metrics.update({keys.trust(f"agreement/{pair}"): float(rho) for pair, rho in agreement.items()})
             disagreeing = disagreement(agreement)
     return TrustResult(metrics, trust, weakest_diagnostic(report, reading), disagreeing)
-
-
-def is_trusted(trust: Optional[float]) -> bool:
-    return trust is not None and trust >= TRUST_THRESHOLD
 
 
 def alert(ks: Optional[float], threshold: float) -> Optional[bool]:

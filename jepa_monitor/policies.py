@@ -65,6 +65,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Protocol, Tuple, Unio
 import torch
 
 from .baselines import knn_score
+from .diagnostics import is_trusted
 from .reading import cross_fit, fit_reading
 from .scorer import side_rows
 from .scores import COMPONENTS
@@ -283,7 +284,7 @@ class ThresholdPolicy:
         quantile: the threshold is this quantile of the held-out reference scores.
         threshold: an absolute threshold (nats) instead; the reference still calibrates the gate.
         warmup: ``"trust"`` (default): no action while the latest trust indicator is below
-            ``trust_threshold`` (default :data:`jepa_monitor.diagnostics.TRUST_THRESHOLD`) or unknown,
+            :data:`jepa_monitor.diagnostics.TRUST_THRESHOLD` (:func:`~jepa_monitor.diagnostics.is_trusted`) or unknown,
             and a reference is only accepted from an evaluation whose trust passed; or a number of
             training batches before the first action (references always accepted).
         score_key: "log_density" (default), "jepa_score", or a score of the embedding alone (no
@@ -326,7 +327,6 @@ class ThresholdPolicy:
         *,
         threshold: Optional[float] = None,
         warmup: Union[int, str] = "trust",
-        trust_threshold: Optional[float] = None,
         score_key: str = "log_density",
         every_n_steps: int = 1,
         max_threshold_age: Optional[int] = 2000,
@@ -343,12 +343,7 @@ class ThresholdPolicy:
             raise ValueError(f"quantile={quantile!r} must be in (0, 1), e.g. 0.05 to act on the lowest 5%.")
         if score_key not in SCORE_KEYS:
             raise ValueError(f"score_key={score_key!r} is not one of {SCORE_KEYS}.")
-        if warmup == "trust":
-            if trust_threshold is None:
-                from .diagnostics import TRUST_THRESHOLD
-
-                trust_threshold = TRUST_THRESHOLD
-        elif not (isinstance(warmup, int) and warmup >= 0):
+        if warmup != "trust" and not (isinstance(warmup, int) and warmup >= 0):
             raise ValueError(f"warmup={warmup!r} must be a number of training batches (>= 0) or 'trust'.")
         if not (isinstance(every_n_steps, int) and every_n_steps >= 1):
             raise ValueError(f"every_n_steps={every_n_steps!r} must be a positive integer.")
@@ -370,7 +365,6 @@ class ThresholdPolicy:
         self.quantile = float(quantile)
         self.absolute_threshold = None if threshold is None else float(threshold)
         self.warmup = warmup
-        self.trust_threshold = trust_threshold
         self.score_key = score_key
         self.every_n_steps = every_n_steps
         self.max_threshold_age = max_threshold_age
@@ -398,7 +392,7 @@ class ThresholdPolicy:
 
     # ------------------------------------------------------------------ calibration
     def _trusted(self, trust: Optional[float]) -> bool:
-        return self.warmup != "trust" or (trust is not None and trust >= self.trust_threshold)
+        return self.warmup != "trust" or is_trusted(trust)
 
     def calibrate(self, reference: Reference, *, step: int = 0, trust: Optional[float] = None) -> None:
         """Set the threshold (and the gate) from held-out scores taken at training batch ``step``.
@@ -668,7 +662,7 @@ class Drop(ThresholdPolicy):
         max_drop_fraction: never drop more than this fraction of a batch (rounded down); the
             highest-scoring rows below the threshold are kept first. 1.0 lifts the cap.
         **options: the shared options of :class:`ThresholdPolicy` (``threshold``, ``warmup``,
-            ``trust_threshold``, ``score_key``, ``every_n_steps``, ``max_threshold_age``,
+            ``score_key``, ``every_n_steps``, ``max_threshold_age``,
             ``batch_anomaly``, ``anomalous_batch_weight``, ``gate``, ``gate_margin``,
             ``gate_budget``, ``weight_key``).
     """

@@ -151,7 +151,7 @@ def test_data_shift_alert_on_shifted_incoming_data(tmp_path):
     # Compared only where held-out scores of the same weights exist: batches 0, 2 and 4.
     compared = [h for h in cb.history if h["split"] == "incoming" and h["drift_ks"] is not None]
     assert [h["batch"] for h in compared] == [0, 2, 4] and all(h["drift_ks"] > 0.5 for h in compared)
-    assert cb.state_dict()["alerts"]["data_shift"] is True
+    assert cb.state_dict()["tracker"]["alerts"]["data_shift"] is True
 
 
 def test_bad_arguments_fail_at_construction():
@@ -239,3 +239,48 @@ def test_curation_warns_once_when_most_rows_are_decided_from_an_estimate():
             cur.curate(SimpleNamespace(), {"x": torch.zeros(8, 2)}, batch_index=b, step=b, trust=None, passes_per_row=2)
     msgs = [str(w.message) for w in caught if "from an estimate" in str(w.message)]
     assert len(msgs) == 1 and "decided 7 of 8 rows" in msgs[0] and "gate_budget" in msgs[0]
+
+
+def test_a_checkpoint_of_the_previous_release_resumes():
+    """tests/data/monitor_state_v2.pt: the state_dict of release 2's monitor (Drop(warmup=0), 6 batches
+    of a 6 -> 4 MLP, every_n_steps=2), written by that release's code."""
+    import os
+
+    import lightning.pytorch as lpl
+    from torch.utils.data import DataLoader
+
+    from jepa_monitor.callbacks import JEPAScoreMonitor
+    from jepa_monitor.policies import Drop
+
+    old = torch.load(os.path.join(os.path.dirname(__file__), "data", "monitor_state_v2.pt"), weights_only=False)
+    assert old["version"] == 2 and "prior" not in old and "pacer" not in old
+    policy = Drop(warmup=0)
+    held = torch.randn(64, 6, generator=torch.Generator().manual_seed(1))
+    cb = JEPAScoreMonitor("encoder", heldout=held, input_key="x", id_key="id", every_n_steps=2, policy=policy,
+                          export=False)
+    cb.load_state_dict(old)
+    assert cb._batches == 6 and cb.history == old["history"]
+    assert policy.threshold == old["policy"]["threshold"] and policy.counts["rows_seen"] == old["policy"]["counts"]["rows_seen"]
+    assert policy.counts["rows_sketched"] == 0 and policy.sketch_level is None
+
+    class M(lpl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.encoder = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+
+        def training_step(self, batch, i):
+            return self.encoder(batch["x"]).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+    g = torch.Generator().manual_seed(2)
+    data = [{"x": torch.randn(16, 6, generator=g), "id": torch.arange(16)} for _ in range(4)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lpl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False, callbacks=[cb]).fit(M(), DataLoader(data, batch_size=None))
+    assert cb._batches == 10 and cb.failures.total == 0 and policy.counts["rows_seen"] > old["policy"]["counts"]["rows_seen"]
+    assert cb.state_dict()["version"] == 3
+    with pytest.raises(ValueError, match="version 4 cannot be read"):
+        cb.load_state_dict(dict(cb.state_dict(), version=4))

@@ -173,7 +173,7 @@ def test_reweight_gives_shifted_rows_a_small_weight(tmp_path):
     assert w[~junk].median() == 1.0  # typical rows weigh exactly 1
 
 
-@pytest.mark.parametrize("policy", [Drop(quantile=0.05, warmup=10_000), Drop(quantile=0.05, warmup="trust", trust_threshold=2.0)])
+@pytest.mark.parametrize("policy", [Drop(quantile=0.05, warmup=10_000)])
 def test_no_filtering_before_warmup(policy, tmp_path):
     model, *_ = run(policy, tmp_path)
     assert torch.equal(torch.cat(model.seen_ids), torch.arange(N_STREAM))

@@ -132,7 +132,6 @@ def test_trust_warmup():
     from jepa_monitor.diagnostics import TRUST_THRESHOLD
 
     policy = Drop(warmup="trust")
-    assert policy.trust_threshold == TRUST_THRESHOLD
     # A reference from an encoder that cannot be read as a density is refused, not used.
     for untrusted in (None, NAN, TRUST_THRESHOLD - 0.01):
         policy.calibrate(torch.arange(100.0), step=0, trust=untrusted)
@@ -144,7 +143,9 @@ def test_trust_warmup():
     assert not policy.is_active(10, trust=TRUST_THRESHOLD - 0.01)
     assert not policy.is_active(10, trust=NAN)
     assert policy.is_active(10, trust=TRUST_THRESHOLD)
-    assert Drop(warmup="trust", trust_threshold=0.9).is_active(0, trust=0.95) is False  # no reference yet
+    assert Drop(warmup="trust").is_active(0, trust=0.95) is False  # no reference yet
+    with pytest.raises(TypeError):
+        Drop(trust_threshold=0.3)  # "trusted" has one definition: diagnostics.is_trusted
 
 
 def test_nonfinite_rows_are_dropped_and_counted():
