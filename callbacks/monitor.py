@@ -348,6 +348,8 @@ class JEPAScoreMonitor(Callback):
             try:
                 x, side = self._data.rows(torch.arange(min(2, self._data.num_rows)), pl_module.device)
                 self._embed_dim = self.scorer(pl_module).score(x, **side).embed_dim
+                if self.policy is not None:
+                    self._sketch = self.policy.sketch_rows(self._embed_dim)
             except Exception as err:
                 raise MisconfigurationException(f"{self._tag}: {_message(err)}") from err
 
