@@ -27,7 +27,7 @@ That is exact as long as the incoming row's Jacobian term lies in ``[lo, hi]``; 
 than :data:`GATE_MIN_REFERENCE` rows gives no trustworthy range, and then every row is scored exactly.
 
 ``gate_budget`` (default 16) caps the Jacobian rows per batch: the undecided rows whose estimate
-``c + median reference jepa_score`` is nearest the threshold are scored, the others are decided from
+``c + jacobian_center`` is nearest the threshold are scored, the others are decided from
 that estimate. This approximation concerns only rows near the threshold (far-off junk is decided
 exactly) and is counted in ``rows_estimated``; ``gate_budget=None`` makes every decision exact.
 Measured by ``benchmarks/bench_curation.py`` (CPU, batch 128; BENCHMARKS.md "Curation"): on the demo
@@ -453,6 +453,10 @@ class ThresholdPolicy:
                 lo, hi = float(j.min()), float(j.max())
                 pad = self.gate_margin * (hi - lo)
                 self.jacobian_range = (lo - pad, hi + pad)
+                # A row left without its Jacobian is given the reference's median Jacobian term: its
+                # likeliest side of the threshold when the term does not depend on the prior. (Mapping
+                # the prior's own quantile onto the threshold instead dropped 2-4x the quantile of clean
+                # rows in the demo: the reading is a little stale between refreshes.)
                 self.jacobian_center = float(j.median())
         self.calibrated_step = int(step)
         self._calibrated()
@@ -585,7 +589,7 @@ class ThresholdPolicy:
             effective = scores
         else:
             # Gated rows: any point of [lo, hi] lies on the same side of the band as the whole
-            # interval; the reference median is also the best guess for rows left out by the budget.
+            # interval; jacobian_center (calibrate) is the guess for rows left out by the budget.
             effective = torch.where(full, scores, (cheap + self.jacobian_center).to(torch.float32))
             effective = torch.where(torch.isfinite(cheap), effective, torch.full_like(effective, float("nan")))
 

@@ -28,7 +28,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .gaussian import Shrinkage, log_prior64
+from .gaussian import HALF_LOG_2PI, Shrinkage, log_prior64
 from .scores import SampleScores
 from .whitening import Whitening
 
@@ -79,9 +79,15 @@ def cross_fit(z: torch.Tensor, rows: int, fit: Callable[[torch.Tensor], Callable
 
 def cross_fitted_log_prior(z: torch.Tensor, rows: int, *, folds: int = FOLDS,
                            shrinkage: Shrinkage = "auto") -> torch.Tensor:
-    """log N(z_i; μ₋ᵢ, Σ₋ᵢ) for the first ``rows`` rows of ``z`` (N, K): each row read through a
-    Gaussian fitted on the rows of the other folds (:func:`cross_fit`), so no row flatters itself."""
-    return cross_fit(z, rows, lambda ref: fit_reading(ref, shrinkage=shrinkage).log_prob, folds=folds)
+    """The prior of the first ``rows`` rows of ``z`` (N, K) as :func:`fit_reading` of all N rows reads
+    new rows, without letting a row flatter itself: its squared Mahalanobis distance is taken to a
+    Gaussian fitted on the rows of the other folds (:func:`cross_fit`), and the normalisation
+    (-K/2·log 2π - ½·logdet Σ) is the full fit's, the one new rows get: a fold's own logdet differs
+    from the full fit's by an amount that grows with K (fewer rows, other shrinkage), and would shift
+    every reference row against new ones. float64 (rows,)."""
+    full = fit_reading(z, shrinkage=shrinkage)
+    d2 = cross_fit(z, rows, lambda ref: fit_reading(ref, shrinkage=shrinkage).mahalanobis, folds=folds)
+    return -0.5 * d2 - z.shape[1] * HALF_LOG_2PI - full.half_logdet
 
 
 def reread(scores: SampleScores, prior: torch.Tensor) -> SampleScores:

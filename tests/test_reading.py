@@ -101,17 +101,22 @@ def test_log_prior_fitted_is_scipy_multivariate_normal():
 
 
 def _brute_force_cross_fit(z: torch.Tensor, rows: int, folds: int) -> np.ndarray:
-    """For each of the first ``rows`` rows: log N(z_i) under the Gaussian (mean, Ledoit–Wolf covariance)
-    of the finite rows j with j % folds != i % folds; NaN for a non-finite row."""
+    """For each of the first ``rows`` rows: -½ (z_i - m)ᵀC⁻¹(z_i - m) with (m, C) the mean and
+    Ledoit–Wolf covariance of the finite rows j with j % folds != i % folds, normalised as the
+    Gaussian of all finite rows (-K/2·log 2π - ½·logdet C_all); NaN for a non-finite row."""
     zz = z.numpy()
     finite = np.isfinite(zz).all(1)
     idx = np.arange(len(zz))
     out = np.full(rows, np.nan)
+    cov_all, _ = ledoit_wolf(zz[finite])
+    norm = -0.5 * zz.shape[1] * np.log(2 * np.pi) - 0.5 * np.linalg.slogdet(cov_all)[1]
     for i in range(rows):
         if not finite[i]:
             continue
         others = (idx % folds != i % folds) & finite
-        out[i] = _reference_log_prob(zz[i : i + 1], zz[others])
+        cov, _ = ledoit_wolf(zz[others])
+        d = zz[i] - zz[others].mean(0)
+        out[i] = -0.5 * d @ np.linalg.solve(cov, d) + norm
     return out
 
 
