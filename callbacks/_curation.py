@@ -3,10 +3,11 @@
 No collective call happens here (decisions are local to each rank), so curation faults are counted
 per rank, and the rows it touched are buffered and written at the next held-out evaluation.
 
-Curation scores a few rows at a time (the gate's undecided rows, paced), where the row loop is at its
-worst: a scorer left at the default ``vectorize=None`` (the loop on CPU) is switched to ``"auto"``
-here, which measured 1.4-2.9× the loop's speed at 1-16 rows on the demo's encoders on CPU
-(BENCHMARKS.md, "Batched and replicated rows"). The numbers are the same up to float32 rounding.
+Curation scores a few rows at a time (the gate's undecided rows, paced): a scorer left at the
+default ``vectorize=None`` (the row loop on CPU) is switched to ``"auto"`` here, which times the loop,
+batched and replicated rows once per encoder and shape and keeps the fastest
+(``python benchmarks/bench_scorer.py --rows`` compares them). The scores are the same up to float32
+rounding.
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ A monitor with a policy evaluates the held-out set at doubling intervals early i
 :data:`EARLY_GAP` batches, then at 2×, 4×, … that batch index, never later than the planned gap):
 the encoder changes fastest at the start, and a policy's threshold comes from these evaluations.
 
-How many rows: an evaluation of a large encoder can cost so much that the gap would leave the run
-nearly unobserved (ViT-B at 224 px on one GPU: a minute or more for 128 held-out rows). When the
+How many rows: an evaluation of a large encoder (K backward passes per Jacobian row) can cost so
+much that the gap would leave the run nearly unobserved. When the
 gap at the configured rows (``heldout_max_samples``, ``incoming_max_rows``) exceeds
 :data:`TARGET_GAP` batches, the rows are scaled down in proportion (the cost is taken as
 proportional to the rows, which the Jacobian dominates), to no fewer than :data:`MIN_HELDOUT_ROWS`

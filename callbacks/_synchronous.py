@@ -8,8 +8,7 @@ rows to it (repeating a filler row) and drops the padding from the result. Curat
 on every rank at every active batch, even a rank whose own rows needed no Jacobian.
 
 The Jacobian rows must also come the same way on every rank: ``vectorize="auto"`` times the
-candidates on each rank's own clock and may pick differently (a straggling rank was measured to do
-so under FSDP2 on CPU), so a synchronous scorer takes replicated rows instead of "auto": a fixed
+candidates on each rank's own clock and may pick differently (a straggling rank does), so a synchronous scorer takes replicated rows instead of "auto": a fixed
 count of passes for a given row count, and no graph retained across backward passes, which FSDP1
 (Lightning's ``FSDPStrategy``) needs: it frees the gathered parameters after a backward pass, and
 the row loop's second backward pass on the retained graph then fails. An explicit ``vectorize`` in

@@ -6,20 +6,19 @@ quadrature read off the Lanczos tridiagonal T of G started at v: ‖v‖²·Σ�
 values, τ the first components of T's eigenvectors). Products with G never form J: one
 vector-Jacobian product and one Jacobian-vector product per Lanczos step, both backward passes
 over graphs retained from a single forward pass (see ``_GramProducts``). Cost per sample:
-``num_probes · min(lanczos_steps, n)`` products of each kind, against K VJPs for the exact score, so it pays off
-only for K well above ``2·num_probes·lanczos_steps`` (measured in BENCHMARKS.md).
+``num_probes · min(lanczos_steps, n)`` products of each kind, against K VJPs for the exact score, so it can pay off
+only for K well above ``2·num_probes·lanczos_steps``.
 
-When it ranks well, and when not (measured, BENCHMARKS.md "Scorer"): the error has two sources.
-Hutchinson's probe noise, vᵀ(log G)v − tr(log G), comes from the off-diagonal of log G and
-dominates on well-conditioned Jacobians: with the default 8 probes Spearman against the exact score
-was 0.91-0.94 on a tanh MLP with K = 64 (cond(J) ≈ 20-40), 0.97-0.98 with 32 probes; more Lanczos
-steps changed nothing there. Sharing the probes across samples makes this noise common to all
-samples only in part: it differs wherever the samples' log G differ. The second source is
-Lanczos itself on ill-conditioned Jacobians: 24 steps do not resolve a tail of tiny singular
-values, and the estimate is biased upwards by tens of nats (+34 nats at cond(J) ≈ 7e3, +89 at
-6e7); steps = n cut that to −5 and +52. The float32 products cannot resolve eigenvalues of G below
-~1e-7·λ_max (cond(J) beyond ~3e3), which the exact path's float64 Gram still does.
-Rankings can survive a bias that all samples share, so always check with :func:`calibrate`.
+The error has two sources. Hutchinson's probe noise, vᵀ(log G)v − tr(log G), comes from the
+off-diagonal of log G and dominates on well-conditioned Jacobians: more probes reduce it, more
+Lanczos steps do not. Sharing the probes across samples makes this noise common to all samples
+only in part: it differs wherever the samples' log G differ. The second source is Lanczos itself
+on ill-conditioned Jacobians: a fixed number of steps does not resolve a tail of tiny singular
+values, and the estimate is biased upwards; more steps (up to n) reduce that. The float32 products
+cannot resolve eigenvalues of G far below λ_max, which the exact path's float64 Gram still does.
+Rankings can survive a bias that all samples share, so always check against the exact score with
+:func:`jepa_monitor.evaluation.calibrate` (``python benchmarks/bench_scorer.py --sweep`` prints
+Spearman and bias for several probe and step counts).
 
 Probes are shared by all samples (same seed → the same probes for every sample in every
 micro-batch), so a sample's score does not depend on its micro-batch and the part of the noise
@@ -71,9 +70,7 @@ class _GramProducts:
 
     Jᵀv is one backward pass. J·u is the derivative of the linear map w ↦ Jᵀw, i.e. a backward
     pass through the graph of that first backward ("double backward"); it reuses the retained
-    forward, where forward mode re-runs it: measured on CPU (benchmarks/bench_scorer.py models,
-    128 rows) double backward took 12 ms against 45-63 ms for forward mode on the MLP, the same
-    on the CNN, and 0.22 s against 0.55 s on the ViT. Ops without a double backward (the fused CPU
+    forward, where forward mode re-runs it. Ops without a double backward (the fused CPU
     attention kernel has none, nor a forward-mode rule) get the forward graph rebuilt with attention
     forced onto its composite "math" kernel, which computes the same function; failing that,
     forward mode (``torch.func.jvp``) re-runs the encoder for each product.

@@ -1,142 +1,70 @@
 """Can the scores be read as a density? Gaussianity diagnostics, one trust number, score agreement.
 
-JEPA-SCORE + the isotropic Gaussian term is a log-density only when the encoder pushes the data
-onto N(0, I_K), the state the anti-collapse (SIGReg) term aims for. These functions measure how far
-held-out embeddings z (N, K) are from that state, in float64, and turn the answer into one trust
-number in [0, 1] (or NaN, "unknown", when the rows cannot support a verdict) and the name of the
-diagnostic to blame.
-
-The departure is split into parts, so that each constructed failure moves one diagnostic and the
-culprit can be named: the overall scale (``norm_mean``), the mean (``mean_offset``), the covariance
-of the centred embeddings (``eig_max``, ``eig_min``), and the shape that is left after whitening
-with the sample covariance (``shape_epps_pulley``, ``shape_norm_cv_ratio``). The raw SIGReg
-statistic, the condition number, the effective rank and the raw norm spread are reported for
-reading, not scored: each of them mixes several parts.
+JEPA-SCORE plus a Gaussian prior term is a log-density only when the encoder maps the data onto that
+Gaussian. These functions measure, in float64, how far held-out embeddings z (N, K) are from it,
+turn the answer into one trust number in [0, 1] (NaN: "unknown", the rows cannot support a
+verdict) and name the diagnostic to blame. The rules are explained at length in ``docs/trust.md``.
 
 Keys of :func:`gaussianity_report` (all floats):
 
 - ``n_samples``, ``dim``: N finite rows used, K.
-- ``epps_pulley``: the SIGReg / Epps–Pulley statistic of z itself, averaged over random
-  directions (see :func:`jepa_monitor.gaussianity.epps_pulley`). Under N(0, I) its mean is about
-  1.05 whatever N is (simulated 99th percentile 1.4–3.0 for N = 256–1024, highest at small K);
-  ``epps_pulley / N`` estimates the divergence of the 1-D marginals from N(0, 1), so the same
-  departure gives a number that grows with N.
+- ``epps_pulley``: the SIGReg / Epps–Pulley statistic of z itself, averaged over random directions
+  (:func:`jepa_monitor.gaussianity.epps_pulley`); ``epps_pulley / N`` estimates the divergence of the
+  1-D marginals from N(0, 1). Reported, not scored.
 - ``mean_offset``: ‖mean(z)‖ / √K, the RMS offset per coordinate in units of the target's standard
-  deviation. The isotropic term then carries a spurious linear term zᵀμ whose spread is ‖μ‖ nats,
-  against √(K/2) for the term itself. Under N(0, I) it is √(χ²_K / (N K)) ≈ 1/√N.
-- ``eig_max``, ``eig_min``: largest and smallest eigenvalue of the sample covariance (1/(N-1)).
-  Target 1. Sampling alone spreads them over the Marchenko–Pastur range (1 ± √(K/N))². A large
-  ``eig_max`` is a stretched direction (anisotropy, or the whole scale too large); a small
-  ``eig_min`` is a collapsed direction (dimensional collapse, or the whole scale too small).
-- ``condition_number``: eig_max / eig_min (inf when the covariance is singular).
-- ``effective_rank``: exp(entropy of the normalised eigenvalues) / K, in (0, 1]; 1/K for a rank-1
-  collapse, 0 when every embedding is the same. Under N(0, I) it is below 1 by the sampling spread
-  of the eigenvalues alone (≈ 0.88 at N = 4K) and at most (N-1)/K when N ≤ K.
-- ``norm_mean``: mean of ‖z‖ / √K, the RMS scale of the embeddings (≈ √(mean eigenvalue +
-  mean_offset²)); E χ_K / √K ≈ 1 - 1/(4K) under N(0, I), with a sampling spread of about
-  1/√(2NK). An L2-normalised output reads 1/√K (0.05 at K = 384) at any N.
-- ``norm_cv_ratio``: coefficient of variation of ‖z‖ divided by that of the χ_K distribution (the
-  norm of N(0, I_K)); 1 under the target, > 1 when norms do not concentrate.
-- ``shape_epps_pulley``: the Epps–Pulley statistic of the whitened embeddings (mean removed,
-  sample covariance made the identity, on the numerical range of the covariance): non-Gaussian
-  shape of the 1-D marginals (heavy tails, skew, several modes) that no affine map explains.
-  Simulated under N(0, I): mean 0.33, maximum 1.45 over N = 256–1024, K = 2–128; at K = 1 (a
-  single projection, no averaging over directions) 99.9% quantile 2.2, 99.99% quantile 3.0.
-- ``shape_norm_cv_ratio``: coefficient of variation of the whitened norms divided by its exact
-  null value (squared Mahalanobis distances of the fitting sample are scaled Beta(r/2, (N-r-1)/2)
-  variables, r the rank): > 1 heavy radial tails, < 1 norms too concentrated (e.g. a shell).
-  NaN when the covariance is zero.
+  deviation; √(χ²_K / (N K)) under N(0, I).
+- ``eig_max``, ``eig_min``: largest and smallest eigenvalue of the sample covariance (1/(N-1)),
+  target 1, spread by sampling over the Marchenko–Pastur range (1 ± √(K/N))². A large ``eig_max``
+  is a stretched direction (or the whole scale too large); a small ``eig_min`` a collapsed one.
+- ``condition_number``: eig_max / eig_min (inf when the covariance is singular). Reported only.
+- ``effective_rank``: exp(entropy of the normalised eigenvalues) / K, in (0, 1]. Reported only: it
+  mixes a stretched and a collapsed direction.
+- ``norm_mean``: mean of ‖z‖ / √K, the RMS scale; E χ_K / √K under N(0, I); an L2-normalised output
+  reads 1/√K at any N.
+- ``norm_cv_ratio``: coefficient of variation of ‖z‖ over that of χ_K. Reported only.
+- ``shape_epps_pulley``: the Epps–Pulley statistic of the whitened embeddings (mean removed, sample
+  covariance made the identity on its numerical range): non-Gaussian shape (heavy tails, skew,
+  several modes) that no affine map explains.
+- ``shape_norm_cv_ratio``: coefficient of variation of the whitened norms over its exact null value
+  (squared Mahalanobis distances of the fitting sample are scaled Beta(r/2, (N-r-1)/2), r the rank):
+  > 1 heavy radial tails, < 1 norms too concentrated. NaN when the covariance is zero.
 
-How many rows. With N ≤ K + 1 rows (γ = K/(N-1) >= 1) the sample covariance is singular whatever
-the encoder, so ``eig_min`` cannot see a collapsed direction and the shape keys are NaN: the
-report cannot support a verdict and :func:`trust_score` is NaN. Between that and N = 4K the
-sampling spread of the eigenvalues is as wide as the departures worth reporting (the ``eig_min``
-bound is about (1 - √γ)²: 0.23 at N = 4K, below 0.01 at N = 1.2 K), so the verdict is weak. Use
-:func:`trust_rows` (K) = ``MIN_ROWS_PER_DIM`` · K = 4K embedding rows for the diagnostics:
-embeddings are cheap (one forward pass each); only the Jacobian is not, and the diagnostics do not
-need it.
+Contract of the trust number (:func:`trust_score`, :func:`weakest_diagnostic`):
 
-Trust. Each scored diagnostic (``TRUST_KEYS``) gets a severity x >= 0: how far it lies beyond the
-range an exact N(0, I_K) sample of the same N and K produces (99.9% and above in simulation, so
-an exactly Gaussian embedding has x = 0), in units of a tolerance at which the density reading
-becomes doubtful. Its factor is 1 / (1 + x²): 1 inside the null range, 0.5 at the doubt threshold,
-0.2 at twice the tolerance beyond it. ``trust_score`` is the smallest factor; ``weakest_diagnostic``
-names it. ``trust_score >= TRUST_THRESHOLD`` (0.5) therefore means "no diagnostic is past its
-doubt threshold".
-
-Readings. The rules above judge the isotropic reading, N(0, I). A reading through the Gaussian
-fitted to the held-out embeddings, N(μ, Σ) (:mod:`jepa_monitor.reading`, the monitor's default),
-absorbs any mean offset, scale and covariance: ``norm_mean``, ``mean_offset``, ``eig_max`` and
-``eig_min`` cannot make it wrong, and its trust is the minimum over ``FITTED_TRUST_KEYS`` (the
-shape left after whitening, which no Gaussian explains). A collapse to one point (``eig_max`` = 0)
-leaves no Gaussian to fit: trust 0. A direction no input moves (zero variance) is outside the
-numerical range the shape is measured on, and is read by the shrunk covariance as a constant.
-Blind spot of the fitted reading: well-separated clusters (a mixture) are one bimodal direction after
-whitening, which random 1-D projections average away from K ≈ 4 on (two clusters 10 standard
-deviations apart read trusted at K = 16); the density is then a Gaussian's, not the mixture's.
-
-Unknown (NaN). A score is never high while a diagnostic is blind. ``trust_score`` is NaN and
-``weakest_diagnostic`` starts with "unknown" when
-
-1. N ≤ K + 1 (includes N ≤ K): the covariance and shape diagnostics are undefined or
-   uninformative, see above; or
-2. some scored diagnostic is NaN (undefined, or missing from the report) and no other scored
-   diagnostic is past its doubt threshold. When another one is (factor < TRUST_THRESHOLD), the
-   verdict "not a density" stands whatever the missing one would say (it could only lower the
-   minimum), so the score is the minimum over the defined factors. The one case
-   :func:`gaussianity_report` produces: the shape keys are NaN when the covariance is zero (every
-   embedding the same), and ``eig_min`` = 0 then gives a factor of about 1e-6.
+- Each scored diagnostic gets a severity x >= 0: how far it lies beyond the range an exact Gaussian
+  sample of the same N and K produces (:func:`null_bounds`), in units of a tolerance; its factor is
+  1 / (1 + x²). Trust is the smallest factor, so ``trust >= TRUST_THRESHOLD`` (0.5) means "no scored
+  diagnostic is past its doubt threshold". :func:`is_trusted` is the one definition of "trusted".
+- Which diagnostics are scored depends on the reading (:func:`trust_keys`): ``"isotropic"``
+  (N(0, I)) scores ``TRUST_KEYS``; ``"fitted"`` (the N(μ, Σ) of :mod:`jepa_monitor.reading`, which
+  absorbs any mean, scale and covariance) scores the shape alone, ``FITTED_TRUST_KEYS``, and is 0
+  for embeddings collapsed to one point.
+- NaN ("unknown") when N ≤ K + 1 (the covariance is singular whatever the encoder; give
+  :func:`trust_rows` (K) = 4K rows), or when a scored diagnostic is NaN and no other one is past its
+  doubt threshold; when another one is, the low verdict stands.
 
 ======================  ==============================================  ==========================
 diagnostic              null bound (N samples, K dims, γ = K/(N-1))     tolerance (x = 1)
 ======================  ==============================================  ==========================
 norm_mean               c_K · exp(±3.5 · cv_K / √N)                      ×√2 or ÷√2
-mean_offset             √(q₀.₉₉₉(χ²_K) / (N K))  (≈ 0.07 at N=512, K=16)  +0.25
+mean_offset             √(q₀.₉₉₉(χ²_K) / (N K))                          +0.25
 eig_max                 (1 + √γ)² · exp(2.5/√N)                          ×2
 eig_min                 (1 - √γ)² · exp(-3.5/√N) (unknown if γ ≥ 1)      ÷2
 shape_epps_pulley       1.5 (3.0 when K = 1)                             +0.01 · N
 shape_norm_cv_ratio     exp(±3.5/√N)                                     ×1.5 or ÷1.5
 ======================  ==============================================  ==========================
 
-(c_K = E χ_K / √K and cv_K = sd χ_K / E χ_K, exact; the ``norm_mean`` bound is the 99.95% range of
-a mean of N such norms, normal approximation.)
+(c_K = E χ_K / √K and cv_K = sd χ_K / E χ_K, exact.) ``python benchmarks/trust_calibration.py``
+prints how these rules score exact Gaussian samples, constructed failures and the known blind
+spots, for both readings.
 
-Why these tolerances. With embeddings N(μ, Σ) the correct Gaussian term is log N(z; μ, Σ); the
-error of the isotropic term, e(z), has variance ½Σᵢ(λᵢ - 1)² + μᵀΣμ, against K/2 for the term
-itself. A mean offset of 0.25 per coordinate makes that ratio of standard deviations √2·0.25 ≈
-0.35: the isotropic term then ranks samples with a Spearman correlation of 0.94 to the corrected
-one (simulated, K = 16 and 64), and the error grows linearly beyond. A variance off by a factor 2
-beyond sampling noise (standard deviation ×1.4) in one direction is the same order for K ≈ 16
-(one such direction gives a ratio |λ - 1|/√K). A uniform change of scale leaves the ranking of
-the Gaussian term unchanged but reweights it against JEPA-SCORE (its size is K·log(scale) nats), so
-the scale is held to the same factor 2 in variance (√2 in ``norm_mean``) as a single direction;
-``norm_mean`` measures it at a sampling precision of ~1/√(NK), so it reads an L2-normalised or
-down-scaled output (MiniLM-like: ``norm_mean`` 0.27) also where the ``eig_min`` bound is weak
-(K + 1 < N < 4K); with N ≤ K + 1 its factor is still in :func:`trust_factors`, but the verdict is
-unknown.
-For the shape, a divergence of 0.01 per
-sample is what Student-t marginals with about 5 degrees of freedom (excess kurtosis 6) or Laplace
-marginals produce (0.009 and 0.016); heavier tails make the Gaussian term wrong by many nats on the
-extreme samples, which are the ones curation acts on. A norm spread 1.5× that of χ_K means the
-Gaussian term's spread over the data is off by as much.
+Rank deficiency of the Jacobian: :func:`rank_deficiency` reads the per-row ``n_floored`` counts of
+the scorer; the same count on most rows means dead output dimensions, and the score is then a sum
+over the remaining rank.
 
-Not scored, on purpose: ``effective_rank`` mixes a stretched and a collapsed direction (a single
-direction ×10 drops it from 0.99 to 0.13 at K = 16, N = 512), so scoring it would blame it instead of
-``eig_max``; dimensional collapse is already ``eig_min`` (which is 0 for any rank below K once
-N > K + 1), and with N ≤ K + 1 the verdict is unknown anyway. What none of these sees: iid
-non-Gaussian coordinates at large K (whitened 1-D projections are then Gaussian by the central
-limit theorem), a mean shift of fixed ‖μ‖ at large K (by design: its error shrinks against √(K/2)),
-and a spectrum with many directions each off by less than ×2 (``benchmarks/trust_calibration.py``
-prints the first two).
-
-Rank deficiency of the Jacobian. :func:`rank_deficiency` reads the per-row ``n_floored`` counts of
-the scorer: the same count on most rows means dead output dimensions (e.g. a LayerNorm γ ≈ 0), and
-the score is then a sum over the remaining rank.
-
-Agreement. :func:`score_agreement` gives the Spearman correlation of every pair of scores on the
+Agreement: :func:`score_agreement` gives the Spearman correlation of every pair of scores on the
 held-out set (all oriented "higher = more typical"); :func:`disagreement` lists the pairs below
-``DISAGREEMENT_THRESHOLD`` (0.1): scores meant to measure typicality that are uncorrelated or
-anti-correlated cannot all be read as density.
+``DISAGREEMENT_THRESHOLD`` (0.1).
 """
 
 from __future__ import annotations

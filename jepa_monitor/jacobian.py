@@ -12,8 +12,9 @@ device) and keeps the fastest.
 Materialising the whole (B, K, D) Jacobian is what exhausts memory, so :func:`embedding_and_gram`
 never holds more Jacobian rows than ``memory_budget`` allows: the float64 Gram is accumulated from
 row blocks (converted to float64 a column chunk at a time), and when even one micro-batch's K rows
-do not fit (ViT-B at 224 px: 0.5-0.6 GB per sample), the K ≤ D Gram G = J Jᵀ is built block by
-block with the rows recomputed from the retained forward graph (see :func:`plan_rows`).
+do not fit (a ViT-B at 224 px has K·D·4 = 768·150528·4 bytes ≈ 0.46 GB of float32 rows per
+sample), the K ≤ D Gram G = J Jᵀ is built block by block with the rows recomputed from the
+retained forward graph (see :func:`plan_rows`).
 """
 
 from __future__ import annotations
@@ -87,14 +88,12 @@ Vectorize = Union[None, bool, int, str]
 
 AUTO = "auto"
 AUTO_WIDTH_CPU = 16
-"""Rows per batched backward that ``vectorize="auto"`` tries on CPU (measured best of 16/64 on the
-benchmark CNN; the MLP gains as much at 16 as at 64)."""
+"""Rows per batched backward that ``vectorize="auto"`` tries on CPU."""
 AUTO_WIDTH_ACCELERATOR = 64
-"""... and on an accelerator (untested here: no GPU was lent; 32-64 is the usual sweet spot)."""
+"""Rows per batched backward that ``vectorize="auto"`` tries on an accelerator."""
 COLUMN_CHUNKS = 4
 """The float32 rows are converted to float64 ``1/COLUMN_CHUNKS`` of their features at a time:
-half the bytes of the float32 rows. (Measured on CPU, 1 thread, the (16, 64, 3072) Gram: 1, 2 or
-4 chunks cost the same as one conversion, 8 chunks 25 % more.)"""
+half the bytes of the float32 rows."""
 
 _MAX_STREAM = 16  # rows streamed past a held group at a time
 _AUTO_LOOP_ROWS = 8  # rows timed for the loop (per-row cost is steady)

@@ -4,8 +4,8 @@ The callback (:mod:`jepa_monitor.callbacks.monitor`) schedules, gathers and logs
 logs is computed here, and every key it logs is built by :class:`MetricKeys`, which the
 custom-scalars layout and the history use too, so a key is spelled in one place.
 
-Two questions are kept apart (they were one "drift" before, and it alerted on clean data, since an
-encoder in training changes its scores everywhere):
+Two questions are kept apart (an encoder in training changes its scores everywhere, so a single
+"drift" statistic would alert on clean data):
 
 - **data shift** — are the incoming rows unlike the held-out rows *under the same weights*? The
   incoming rows are compared with held-out scores taken at the same training batch (KS statistic,

@@ -1,60 +1,48 @@
 """Curation policies: which rows of an incoming batch train, and with what weight.
 
-A policy compares each incoming row's density score with a threshold calibrated on the **held-out
+A policy compares each incoming row's score with a threshold calibrated on the **held-out
 reference** (its ``quantile``, refreshed by :meth:`~ThresholdPolicy.calibrate` at every held-out
 evaluation), never on the batch itself: a batch that is all junk is caught, a clean batch loses
-about ``quantile`` of its rows. :class:`Drop` removes low-density rows; :class:`Reweight` gives each
+about ``quantile`` of its rows. :class:`Drop` removes low-score rows; :class:`Reweight` gives each
 row a weight in [0, 1] that is smooth in its score. Both are pure torch (no Lightning): the monitor
 callback calls ``decide_batch`` on every training batch and :func:`jepa_monitor.batches.apply_decision`
-edits the batch. :class:`Policy` is the protocol a user-written policy implements.
+edits the batch. :class:`Policy` is the protocol a user-written policy implements. Explained at
+length, with what it costs and what it catches, in ``docs/curation.md``.
 
 **Safe by default.** Nothing is decided until the encoder can be read as a density
-(``warmup="trust"``: the trust indicator of :mod:`jepa_monitor.diagnostics` has passed, and the
+(``warmup="trust"``: :func:`jepa_monitor.diagnostics.is_trusted` holds for the latest trust, and the
 threshold comes from a held-out evaluation whose trust passed); a threshold older than
 ``max_threshold_age`` batches is refreshed before use; :class:`Drop` never leaves fewer than
-``min_keep=2`` rows (a BatchNorm layer raises on one) nor drops more than ``max_drop_fraction=0.5``
-of a batch (an all-junk batch then trains on its best half: add ``batch_anomaly`` to zero its
-weight too).
+``min_keep`` rows nor drops more than ``max_drop_fraction`` of a batch.
 
-**Cost, and the two-stage gate.** The exact score of a row costs one forward and K backward passes.
-With ``score_key="log_density"`` (the default) the score is ``jepa_score + log_prior`` and the prior
-term ``c`` needs the embedding only: one forward pass of the whole batch. The reference tells how
-far the Jacobian term ranges: ``[lo, hi]`` = the held-out ``jepa_score`` range widened by
-``gate_margin`` times its width. A row whose whole interval ``[c + lo, c + hi]`` lies on one side of
-the policy's sensitive band (Drop: the threshold; Reweight: the band where the weight is strictly
-between 0 and 1) is decided from ``c`` alone; only the other, *undecided* rows need the Jacobian.
-That is exact as long as the incoming row's Jacobian term lies in ``[lo, hi]``; a reference of fewer
-than :data:`GATE_MIN_REFERENCE` rows gives no trustworthy range, and then every row is scored exactly.
+**The two-stage gate.** With ``score_key="log_density"`` (the default) the score is
+``jepa_score + log_prior``; the prior term ``c`` needs the embedding only (one forward pass of the
+batch), the Jacobian term K backward passes per row. The reference gives the Jacobian term's range
+``[lo, hi]`` (its held-out range widened by ``gate_margin`` times its width). A row whose interval
+``[c + lo, c + hi]`` lies on one side of the policy's sensitive band (Drop: the threshold; Reweight:
+the band where the weight is strictly between 0 and 1) is decided from ``c`` alone (``rows_gated``);
+the other, *undecided* rows need the Jacobian. That is exact as long as the incoming row's Jacobian
+term lies in ``[lo, hi]``; ``rows_outside_gate`` counts scored rows whose term did not. A reference
+of fewer than :data:`GATE_MIN_REFERENCE` rows gives no range, and then every row is scored.
 
-``gate_budget`` (default 16) caps the Jacobian rows per batch: the undecided rows whose estimate
-``c + jacobian_center`` is nearest the threshold are scored, the others are decided from
-that estimate. This approximation concerns only rows near the threshold (far-off junk is decided
-exactly) and is counted in ``rows_estimated``; ``gate_budget=None`` makes every decision exact.
-Measured by ``benchmarks/bench_curation.py`` (CPU, batch 128; BENCHMARKS.md "Curation"): on the demo
-encoder (K = 16) exact scoring of every row costs 2.5-2.9 training steps, the default budget
-0.78-0.96 step with 0-1.4% of rows decided unlike exact scoring; at K = 192 (a one-block ViT-tiny)
-the default costs about 8 steps and exact 58. The cost floor of any Jacobian is K backward passes,
-so a handful of rows already costs most of a step on CPU; for less, ``score_key="log_prior"`` needs
-no Jacobian at all (0.13-0.17 step) and ``every_n_steps`` filters on a
-cadence. ``score_key="jepa_score"`` cannot be gated. Inside the monitor, ``decide_batch`` also gets
-``max_scored``: the monitor's ``curation_budget`` (default 0.2 of a training batch) paces the
-Jacobian rows (``callbacks/_pacing.py``), and the rows it cannot pay for are decided from the
-estimate, as those beyond ``gate_budget`` are.
-
-The gate misses what it cannot see: junk whose embedding looks typical and whose Jacobian term
-alone is abnormally low. ``rows_outside_gate`` counts scored rows whose Jacobian term fell outside
-``[lo, hi]``: a sign to widen ``gate_margin`` or to set ``gate=False``.
+**Caps.** At most ``gate_budget`` undecided rows per batch get the Jacobian, and inside the monitor
+at most ``max_scored`` (what ``curation_budget`` pays for, ``callbacks/_pacing.py``); the undecided
+rows nearest the threshold by their estimate are chosen, the others are decided from the estimate
+(``rows_estimated``). ``gate_budget=None`` and ``curation_budget=None`` make every decision exact.
+For K above :data:`SKETCH_FROM_K`, ``sketch="auto"`` scores Jacobian rows of a sketch of the output
+whose level is fitted on the reference (:func:`fit_level`). ``score_key`` may also name a score of
+the embedding alone (``"log_prior"``, ``"mahalanobis"``, ``"knn"``: no Jacobian at all);
+``score_key="jepa_score"`` cannot be gated.
 
 **Non-finite scores** (a NaN/Inf input row) are dropped (weight 0) and counted.
 
 **Noisy batches** (``batch_anomaly=q_b``): a batch whose median score lies below the reference's
-``q_b``-quantile gets ``batch_weight = anomalous_batch_weight`` (0 by default: trained on with zero
-weight), multiplied into every row's weight. For clean rows the median of n scores falls below the
-``q_b``-quantile with probability P(Binomial(n, q_b) ≥ n/2): about 1e-24 for n = 64, q_b = 0.05.
+``q_b``-quantile gets ``batch_weight = anomalous_batch_weight`` (0 by default), multiplied into
+every row's weight. For clean rows the median of n scores falls below the ``q_b``-quantile with
+probability P(Binomial(n, q_b) ≥ n/2).
 
 **DDP.** Decisions are local: each rank decides on its own rows with the threshold that every rank
-calibrated from the same gathered reference; ``decide_batch`` makes no collective call, so the
-training step's gradient synchronisation is untouched and a rank may drop more rows than another.
+calibrated from the same gathered reference; ``decide_batch`` makes no collective call.
 """
 
 from __future__ import annotations
@@ -221,7 +209,9 @@ class Policy(Protocol):
       (``weight`` is written into the batch under ``weight_key``).
     - ``curation_budget``: the share of a training batch's backward passes the monitor lets this
       policy's Jacobian rows cost (passed to ``decide_batch`` as ``max_scored``), or None.
-    - ``score_key``: the component the policy reads ("log_density", "jepa_score", "log_prior").
+    - ``score_key``: the score the policy reads: a component ("log_density", "jepa_score",
+      "log_prior") or an embedding score of :data:`EMBEDDING_SCORES` ("mahalanobis", "knn"; the
+      monitor always adds ``embedding`` to the reference mapping).
     - ``counts``: cumulative counters (str -> number), all logged as ``<name>/policy/<key>_total``.
       The monitor adds ``rows_not_applied`` (rows a policy dropped that the batch type could not
       lose) and moves them out of ``rows_dropped``.
@@ -668,7 +658,7 @@ class Drop(ThresholdPolicy):
         **options: the shared options of :class:`ThresholdPolicy` (``threshold``, ``warmup``,
             ``score_key``, ``every_n_steps``, ``max_threshold_age``,
             ``batch_anomaly``, ``anomalous_batch_weight``, ``gate``, ``gate_margin``,
-            ``gate_budget``, ``weight_key``).
+            ``gate_budget``, ``sketch``, ``curation_budget``, ``weight_key``).
     """
 
     mode = "drop"

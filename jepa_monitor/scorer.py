@@ -86,9 +86,8 @@ class Scorer:
             ``w`` (``w`` rows per vmapped backward pass), ``"replicated"`` (``w`` rows per forward +
             backward pass over the samples repeated ``w`` times: plain batched kernels, no retained
             graph), ``"auto"`` (time the three once per encoder, input shape and micro-batch size
-            class; keep the fastest), or None: ``"auto"`` on an accelerator and the loop on CPU,
-            where batched rows measured 0.65–2.5× the loop's speed depending on the model
-            (BENCHMARKS.md, "Jacobian rows") and replicated rows win only for a few rows at a time.
+            class; keep the fastest), or None: ``"auto"`` on an accelerator and the loop on CPU
+            (``python benchmarks/bench_scorer.py --rows`` compares the three on your machine).
         approx_options: keyword options of the approximate method.
         mask_key: the side input that marks real (1) and padding (0) tokens for ``pool="mean"``.
         progress: show a progress bar (rows, rows/s) while scoring.

@@ -18,7 +18,7 @@ import pytest
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "stable_pretraining_layout.py"
 
 # Tiny tensors: on a busy 2-core machine a second intra-op thread only spins (conftest.one_thread);
-# the numbers below were measured with one thread (a second one changes float rounding, so the run).
+# the numbers below were measured with one thread (a second one changes float rounding, hence the run).
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -39,23 +39,25 @@ def run(tmp_path, steps):
 
 
 def test_lejepa_run_keeps_noise_out_early(tmp_path):
-    """150 batches (~9 s): the policy acts from the first batch (trust passes at fit start) and the
+    """150 batches (5-10 s): the policy acts from the first batch (trust passes at fit start) and the
     noise images are dropped far more often than clean digits, which lose little more than the
     policy's 5 % quantile."""
     result = run(tmp_path, 150)
-    # measured (seed 0, one thread): junk 89.0 % (854/960), clean 6.8 % (589/8640); seeds 1-4: junk
-    # 89.7-95.6 %, clean 5.8-9.1 %.
+    # measured (seed 0, one thread): junk 89.2 % (856/960), clean 7.3 % (633/8640), 12x the clean
+    # rate; seeds 1-4: junk 89.8-95.9 %, clean 6.7-11.0 %, 8.7-13x.
     assert result["junk_dropped"] >= 0.75, result["junk_dropped"]
-    assert result["clean_dropped"] <= 0.12, result["clean_dropped"]
-    assert result["junk_dropped"] >= 8 * result["clean_dropped"]
+    assert result["clean_dropped"] <= 0.15, result["clean_dropped"]
+    assert result["junk_dropped"] >= 6 * result["clean_dropped"]
     assert result["first_drop"] is not None and result["first_drop"] < 10  # measured: batch 0
 
 
 @pytest.mark.slow
 def test_lejepa_run_1500_steps_keeps_most_junk_out(tmp_path):
-    """The issue's configuration: 1500 batches of 64 (~60-90 s on one thread)."""
+    """The issue's configuration: 1500 batches of 64 (55-110 s on one thread on a shared 2-core machine)."""
     result = run(tmp_path, 1500)
-    # measured (seed 0, one thread): junk 95.3 % (9179/9629), clean 6.1 % (5294/86371); seeds 1, 2:
-    # junk 97.4 / 98.7 %, clean 9.1 / 6.1 %. With two threads, seed 0: junk 96.5 %, clean 5.0 %.
+    # measured (seed 0, one thread): junk 91.8 % (8844/9629), clean 4.8 % (4147/86371). Not every seed
+    # meets the clean bound: seeds 1, 2 dropped 96.1 / 80.4 % of junk and 10.03 / 10.06 % of clean rows
+    # (clean drops grow with the batches since the policy's reference was last refreshed). With two
+    # threads, seed 0: junk 97.7 %, clean 6.9 %.
     assert result["junk_dropped"] >= 0.60, result["junk_dropped"]
     assert result["clean_dropped"] <= 0.10, result["clean_dropped"]
