@@ -49,9 +49,9 @@ class Schedule:
     def __init__(self, every_n_steps: Optional[int], incoming_every_n_steps: Union[int, str, None],
                  budget: Optional[float], max_gap: int = 100_000) -> None:
         if budget is not None and not 0.0 < budget < 1.0:
-            raise ValueError(f"budget={budget!r} must be a fraction of wall time in (0, 1), e.g. 0.05, or None.")
+            raise ValueError(f"budget={budget!r} must be a share of training's backward passes in (0, 1), e.g. 0.05, or None.")
         if every_n_steps is None and budget is None:
-            raise ValueError("give every_n_steps (a fixed cadence) or budget (a share of wall time).")
+            raise ValueError("give every_n_steps (a fixed cadence) or budget (a share of training's backward passes).")
         if incoming_every_n_steps not in (None, "auto") and not (
                 isinstance(incoming_every_n_steps, int) and incoming_every_n_steps >= 1):
             raise ValueError(f"incoming_every_n_steps must be a positive integer, 'auto' or None; got {incoming_every_n_steps!r}.")
