@@ -57,7 +57,7 @@ from torch import nn
 from jepa_monitor import Scorer, score_samples
 from jepa_monitor.demo.data import JUNK_KINDS, corrupt, make_splits, normalise
 from jepa_monitor.demo.model import DigitEncoder, augment, lejepa_loss, sigreg_directions
-from jepa_monitor.gaussianity import epps_pulley, random_directions
+from jepa_monitor.epps_pulley import epps_pulley, random_directions
 from jepa_monitor.policies import Drop, Reweight
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

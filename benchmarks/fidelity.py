@@ -39,7 +39,7 @@ from torch import nn
 
 from jepa_monitor import score_samples
 from jepa_monitor.evaluation import fit_baselines, ood_metrics, score_columns, spearman
-from jepa_monitor.gaussianity import epps_pulley
+from jepa_monitor.epps_pulley import epps_pulley
 from jepa_monitor.reading import fit_reading, log_prior
 from synthetic import ProductMixture, random_mixture, train_sigreg_encoder
 from jepa_monitor.whitening import Whitening, WhitenedEncoder

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.distributions import Categorical, MixtureSameFamily, MultivariateNormal, Normal
 
-from jepa_monitor.gaussianity import epps_pulley, random_directions
+from jepa_monitor.epps_pulley import epps_pulley, random_directions
 
 SQRT_HALF = math.sqrt(0.5)
 Sampler = Callable[[int, torch.Generator], torch.Tensor]

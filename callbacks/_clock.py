@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Dict, Optional
 
-from jepa_monitor.monitoring import MetricKeys
+from jepa_monitor.metrics import MetricKeys
 
 
 class MonitorClock:

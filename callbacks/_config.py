@@ -11,10 +11,10 @@ from torch import nn
 from jepa_monitor.batches import Key, get_ids, get_input
 
 from jepa_monitor.export import FORMATS
-from jepa_monitor.monitoring import ALERTS
+from jepa_monitor.metrics import ALERTS
 from jepa_monitor.policies import POLICY_MEMBERS, Policy
 from jepa_monitor.scorer import Scorer
-from jepa_monitor.scores import COMPONENTS
+from jepa_monitor.sample_scores import COMPONENTS
 
 from ._heldout import HeldoutSet, load_heldout, side_inputs, trim_for_trust
 

@@ -19,9 +19,9 @@ from typing import Any, Dict, List, Mapping, Optional
 import torch
 
 from jepa_monitor.batches import Key, apply_decision, get_ids, get_input
-from jepa_monitor.monitoring import MetricKeys
+from jepa_monitor.metrics import MetricKeys
 from jepa_monitor.scorer import Scorer
-from jepa_monitor.scores import COMPONENTS
+from jepa_monitor.sample_scores import COMPONENTS
 
 from ._failures import FailureCounter
 from ._heldout import side_inputs
@@ -66,7 +66,7 @@ class Curation:
             # embedding whose prior term is the same for every row): the budget then decides nearly blind.
             self.warned_estimate = True
             warnings.warn(f"{self.tag}: curation decided {n_estimated} of {n} rows at training batch {batch_index} from "
-                          "an estimate (their prior term ranked against the reference's), not from their Jacobian: "
+                          "an estimate (their prior term plus the reference's median Jacobian term), not from their Jacobian: "
                           "the embedding's prior did not separate them and the policy's gate_budget (or its "
                           "curation_budget pacing) capped the Jacobian rows. Such decisions are only as good as that "
                           "estimate (watch rows_estimated_total); raise curation_budget (None: no pacing) and the "

@@ -8,10 +8,12 @@ prior cross-fitted) and the Jacobian of :data:`REFRESH_ROWS` reference rows (rot
 whose median change moves the Jacobian term of every reference row (a paired difference: a training
 encoder's Jacobian term moves mostly in common). The policy is recalibrated with the re-read reference.
 
-How often is decided by the data, never by a clock: at each refresh the fresh held-out rows are also
-read through the *previous* reading, and ``stale_drop``, the share of them below the previous
-reference's :data:`STALE_QUANTILE`-quantile, says what the encoder's move in the gap did to clean
-rows (without a move it is about the quantile itself). Above twice the quantile the gap halves
+How often is decided by the data, never by a clock: at each refresh the reference rows' fresh
+embeddings are also read through the *previous* Gaussian, and ``stale_drop``, the share of them below
+the :data:`STALE_QUANTILE`-quantile of the same rows as that Gaussian read them when it was fitted,
+says what the encoder's move in the gap did to clean rows. Both readings are in-sample (the rows were
+in the previous fit), so the fit's optimism cancels: without a move ``stale_drop`` is the quantile
+itself. Above twice the quantile the gap halves
 (down to 1 batch); below 1.5 times it the gap doubles (up to :data:`MAX_GAP`): early in training the
 reading is refreshed every few batches, later rarely. No Lightning import.
 """
@@ -48,18 +50,26 @@ class ReadingRefresh:
         # (n,) float64 per Jacobian column of the reference rows: "jepa_score", and "sketch_score"
         # when the policy scores with a sketch (each moved by its own median change).
         self.columns: Dict[str, torch.Tensor] = {}
-        self.density: Optional[torch.Tensor] = None  # (n,) float64, their log_density as last read
+        # (n,) float64: the reference rows' log_density through the Gaussian in use, which was fitted
+        # with them (in-sample; ``stale_drop`` compares against it, like with like).
+        self.inside: Optional[torch.Tensor] = None
         self.gap = 1
         self.last = 0
         self.count = 0
         self.stale_drop = float("nan")
 
-    def reset(self, scores: Dict[str, torch.Tensor], batch: int) -> None:
+    def reset(self, scores: Dict[str, torch.Tensor], batch: int, gaussian: Optional[Whitening]) -> None:
         """A held-out evaluation at training batch ``batch`` gave these reference scores (components,
-        and ``sketch_score`` when a sketch is in use)."""
+        ``embedding`` of every embedded held-out row with the scored ones first, and ``sketch_score``
+        when a sketch is in use); ``gaussian`` is the reading fitted to those embeddings (None under
+        the isotropic reading, which is never refreshed)."""
         self.columns = {c: scores[c].double().cpu().clone() for c in ("jepa_score", "sketch_score") if c in scores}
-        self.density = scores["log_density"].double().cpu().clone()
+        self.inside = None if gaussian is None else self._read(gaussian, scores["embedding"])
         self.last = batch
+
+    def _read(self, gaussian: Whitening, z: torch.Tensor) -> torch.Tensor:
+        """The reference rows' log_density through ``gaussian`` (``z``: their embeddings first)."""
+        return self.jepa + gaussian.log_prob(z[: self.jepa.shape[0]]).double().cpu()
 
     @property
     def jepa(self) -> Optional[torch.Tensor]:
@@ -89,27 +99,25 @@ class ReadingRefresh:
             moved = again[name].double().cpu() - column[rows]
             moved = moved[torch.isfinite(moved)]
             self.columns[name] = column + (float(moved.median()) if moved.numel() else 0.0)
-        jepa = self.jepa
-        if previous is not None:
-            stale = jepa + previous.log_prob(z[:n]).cpu()
-            cut = float(quantiles(self.density, [STALE_QUANTILE])[0])
-            self.stale_drop = float((stale < cut).double().mean())
+        if previous is not None and self.inside is not None:
+            cut = float(quantiles(self.inside, [STALE_QUANTILE])[0])
+            self.stale_drop = float((self._read(previous, z) < cut).double().mean())
             if self.stale_drop > 2 * STALE_QUANTILE:
                 self.gap = max(1, self.gap // 2)
             elif self.stale_drop < 1.5 * STALE_QUANTILE:
                 self.gap = min(MAX_GAP, self.gap * 2)
-        self.density = jepa + prior
+        self.inside = self._read(gaussian, z)
         self.last, self.count = batch, self.count + 1
         reference = {name: column.float() for name, column in self.columns.items()}
-        reference.update(log_prior=prior.float(), log_density=self.density.float(), embedding=z)
+        reference.update(log_prior=prior.float(), log_density=(self.jepa + prior).float(), embedding=z)
         return reference, gaussian
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"columns": dict(self.columns), "density": self.density, "gap": self.gap, "last": self.last,
+        return {"columns": dict(self.columns), "inside": self.inside, "gap": self.gap, "last": self.last,
                 "count": self.count, "stale_drop": self.stale_drop}
 
     def load_state_dict(self, state: Optional[Dict[str, Any]]) -> None:
         if state:  # absent from checkpoints of releases without a fitted reading
-            self.columns, self.density = dict(state["columns"]), state["density"]
+            self.columns, self.inside = dict(state["columns"]), state.get("inside")
             self.gap, self.last, self.count = int(state["gap"]), int(state["last"]), int(state["count"])
             self.stale_drop = float(state["stale_drop"])

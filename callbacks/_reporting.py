@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from jepa_monitor.batches import looks_like_images
 from jepa_monitor.export import ScoreExporter, export_path
 from jepa_monitor.diagnostics import is_trusted
-from jepa_monitor.monitoring import Measurement, MetricKeys, custom_scalars_layout, rank_deficiency_metrics
+from jepa_monitor.metrics import Measurement, MetricKeys, custom_scalars_layout, rank_deficiency_metrics
 
 from ._tensorboard import first_writer_dir, summary_writers, write_extremes, write_histograms
 

@@ -26,7 +26,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from jepa_monitor.scorer import Scorer
-from jepa_monitor.scores import SampleScores
+from jepa_monitor.sample_scores import SampleScores
 
 from ._distributed import gather_objects
 

@@ -1,7 +1,7 @@
 """JEPAScoreMonitor: the encoder's own density estimate of held-out and incoming data, during training.
 
 The callback schedules, gathers, logs and decides; every number comes from the core
-(:class:`jepa_monitor.Scorer`, :mod:`jepa_monitor.monitoring`, :mod:`jepa_monitor.policies`).
+(:class:`jepa_monitor.Scorer`, :mod:`jepa_monitor.metrics`, :mod:`jepa_monitor.policies`).
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from jepa_monitor import monitoring as mon
+from jepa_monitor import metrics as mon
 from jepa_monitor.batches import Key, get_ids, get_input
 from jepa_monitor.reading import READINGS, cross_fitted_log_prior, fit_reading
 from jepa_monitor.scorer import Scorer
 from jepa_monitor.whitening import Whitening
-from jepa_monitor.scores import COMPONENTS
+from jepa_monitor.sample_scores import COMPONENTS
 
 from ._clock import MonitorClock
 from ._config import build_scorer, check_arguments, check_batch, read_heldout
@@ -479,7 +479,7 @@ class JEPAScoreMonitor(Callback):
                         with torch.inference_mode(False), torch.no_grad():
                             reference["sketch_score"] = self.scorer(pl_module).sketched(self._sketch).score(
                                 x, **side).jepa_score.cpu()
-                    self._refresh.reset(reference, self._batches)
+                    self._refresh.reset(reference, self._batches, self._prior)
                     self._calibrate(reference, trust.trust)
             self._publish(trainer, split, m, metrics, images=data.x[m.index],
                           sample_ids=[data.ids[i] for i in m.index.tolist()])

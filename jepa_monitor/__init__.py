@@ -8,8 +8,8 @@ numpy: functions take tensors and return tensors. The Lightning layer lives in
 from ._version import __version__
 from .gaussian import gaussian_log_prior
 from .scorer import Scorer
-from .scores import COMPONENTS, SampleScores
-from .scoring import jepa_score, log_density, score_samples
+from .sample_scores import COMPONENTS, SampleScores
+from .functional import jepa_score, log_density, score_samples
 from .whitening import Whitening, WhitenedEncoder, whitened_components
 
 __all__ = [

@@ -9,7 +9,7 @@ Keys of :func:`gaussianity_report` (all floats):
 
 - ``n_samples``, ``dim``: N finite rows used, K.
 - ``epps_pulley``: the SIGReg / Epps–Pulley statistic of z itself, averaged over random directions
-  (:func:`jepa_monitor.gaussianity.epps_pulley`); ``epps_pulley / N`` estimates the divergence of the
+  (:func:`jepa_monitor.epps_pulley.epps_pulley`); ``epps_pulley / N`` estimates the divergence of the
   1-D marginals from N(0, 1). Reported, not scored.
 - ``mean_offset``: ‖mean(z)‖ / √K, the RMS offset per coordinate in units of the target's standard
   deviation; √(χ²_K / (N K)) under N(0, I).
@@ -76,7 +76,7 @@ from typing import Dict, List, Mapping, Optional, Union
 import torch
 
 from .statistics import spearman
-from .gaussianity import epps_pulley, random_directions
+from .epps_pulley import epps_pulley, random_directions
 
 TRUST_THRESHOLD = 0.5
 DISAGREEMENT_THRESHOLD = 0.1
@@ -358,7 +358,7 @@ def rank_deficiency(
     """Is the Jacobian rank-deficient by the same amount on most rows? (dead output dimensions)
 
     ``n_floored`` (B,): per row, how many of the ``rank_dim`` = min(K, D) singular values the
-    scorer raised to its floor (:class:`jepa_monitor.scoring.SampleScores`); negative entries (not
+    scorer raised to its floor (:class:`jepa_monitor.functional.SampleScores`); negative entries (not
     computed) are left out. ``rank_dim``: that count of singular values, an int or one per row.
 
     A count that varies from row to row is local geometry. The same count > 0 on more than

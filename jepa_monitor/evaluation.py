@@ -18,7 +18,7 @@ from torchmetrics.functional.classification import binary_auroc, binary_roc
 from .baselines import GaussianPriorScore, KNNScore, MahalanobisScore
 from .gaussian import Shrinkage
 from .scorer import Scorer, as_scorer
-from .scores import SampleScores
+from .sample_scores import SampleScores
 from .statistics import rankdata, spearman
 
 DEFAULT_MIN_SPEARMAN = 0.9

@@ -56,7 +56,7 @@ from .baselines import knn_score
 from .diagnostics import is_trusted
 from .reading import cross_fit, fit_reading
 from .scorer import side_rows
-from .scores import COMPONENTS
+from .sample_scores import COMPONENTS
 from .statistics import quantiles
 
 #: Scores a policy can read that need the embedding alone (no Jacobian): minus the squared Mahalanobis

@@ -29,7 +29,7 @@ from typing import Callable, Optional
 import torch
 
 from .gaussian import HALF_LOG_2PI, Shrinkage, log_prior64
-from .scores import SampleScores
+from .sample_scores import SampleScores
 from .whitening import Whitening
 
 #: The readings a monitor offers: "fitted" (N(μ, Σ) of the held-out embeddings) or "isotropic" (N(0, I)).

@@ -1,7 +1,7 @@
 """The Scorer: one encoder and every option of how it is read, scoring samples exactly or fast.
 
 Everything that differentiates the encoder goes through :class:`Scorer`: the public functions of
-:mod:`jepa_monitor.scoring`, the curation policies, the monitor callback and the CLI. Its two
+:mod:`jepa_monitor.functional`, the curation policies, the monitor callback and the CLI. Its two
 operations are :meth:`Scorer.score` (the Jacobian: one forward plus K input-VJPs per sample) and
 :meth:`Scorer.embed` (one gradient-free forward pass: the embedding, whose Gaussian prior term is the
 cheap part of ``log_density``). Both read the encoder's output the same way (output selection,
@@ -29,7 +29,7 @@ from .logdet import PAPER_ABS_FLOOR, half_logdet
 from .outputs import OutputSelector, Pooling, embed, select_output
 from .progress import progress_bar
 from .reading import log_prior
-from .scores import SampleScores
+from .sample_scores import SampleScores
 from .whitening import Whitening, whiten
 
 METHODS = ("exact", "slq")

@@ -33,7 +33,7 @@ from .gaussian import HALF_LOG_2PI, Shrinkage, fit_gaussian
 from .outputs import OutputSelector, Pooling, embed
 
 if TYPE_CHECKING:
-    from .scores import SampleScores
+    from .sample_scores import SampleScores
 
 
 class Whitening:

@@ -219,7 +219,7 @@ def test_curation_warns_once_when_most_rows_are_decided_from_an_estimate():
     from types import SimpleNamespace
 
     from jepa_monitor.callbacks._curation import Curation
-    from jepa_monitor.monitoring import MetricKeys
+    from jepa_monitor.metrics import MetricKeys
     from jepa_monitor.policies import Decision
 
     class Blind:

@@ -17,7 +17,7 @@ from jepa_monitor.demo.data import (
 )
 from jepa_monitor.demo.model import DigitEncoder, augment, lejepa_loss, sigreg_directions
 from jepa_monitor.demo.probe import probe_accuracy, fit_ridge, ridge_predict
-from jepa_monitor.gaussianity import epps_pulley
+from jepa_monitor.epps_pulley import epps_pulley
 
 
 def test_shipped_digits_equal_scikit_learn():

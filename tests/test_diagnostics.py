@@ -24,7 +24,7 @@ from jepa_monitor.diagnostics import (
     trust_score,
     weakest_diagnostic,
 )
-from jepa_monitor.gaussianity import epps_pulley, random_directions
+from jepa_monitor.epps_pulley import epps_pulley, random_directions
 
 N, K = 512, 16
 

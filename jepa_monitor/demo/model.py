@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from ..gaussianity import epps_pulley, random_directions
+from ..epps_pulley import epps_pulley, random_directions
 
 
 class DigitEncoder(nn.Module):

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from ..evaluation import fit_baselines, ood_metrics, score_columns
 from ..reading import fit_reading, log_prior
-from ..scoring import score_samples
+from ..functional import score_samples
 from .data import JUNK_KINDS, KINDS, DigitSplits, DigitStream, junk_eval_sets, make_splits, normalise
 from .probe import probe_accuracy
 

@@ -1,4 +1,4 @@
-"""The monitoring core: from scored rows to named metrics, pure torch (no Lightning).
+"""From scored rows to named metrics, pure torch (no Lightning).
 
 The callback (:mod:`jepa_monitor.callbacks.monitor`) schedules, gathers and logs; every number it
 logs is computed here, and every key it logs is built by :class:`MetricKeys`, which the
@@ -28,7 +28,7 @@ from .baselines import KNNScore, MahalanobisScore
 from .diagnostics import REPORT_KEYS, disagreement, gaussianity_report, is_trusted, score_agreement, trust_score
 from .diagnostics import rank_deficiency as _rank_deficiency
 from .diagnostics import weakest_diagnostic
-from .scores import COMPONENTS, SampleScores
+from .sample_scores import COMPONENTS, SampleScores
 from .statistics import ks_statistic, summarize, wasserstein_1
 
 SPLITS = ("heldout", "incoming", "validate", "test")

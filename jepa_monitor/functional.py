@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 
 from .scorer import as_scorer
-from .scores import SampleScores
+from .sample_scores import SampleScores
 
 
 def score_samples(encoder: Callable[..., Any], x: torch.Tensor, **options: Any) -> SampleScores:
