@@ -1,5 +1,5 @@
-"""Reproduce the trust-indicator claims of the README ("Can the score be read as a density?") and
-BENCHMARKS.md ("Trust calibration").
+"""Reproduce the trust-indicator claims of docs/trust.md ("What the rules catch, and what they
+miss"); the output and its reading are in BENCHMARKS.md ("Trust calibration").
 
     python benchmarks/trust_calibration.py                 # 300 null draws per cell, 20 per failure
     python benchmarks/trust_calibration.py --draws 50      # quicker

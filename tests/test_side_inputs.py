@@ -186,7 +186,8 @@ def test_masked_mean_pooling_ignores_how_much_padding_the_batch_has():
 
 def test_a_mask_captured_in_a_closure_breaks_micro_batches():
     """Why the mask must be a side input: a closure over the whole batch's mask cannot be sliced."""
-    model = _model().eval()  # a plain function is not put in eval mode by the scorer: do it here
+    model = _model().eval()  # not needed: the Scorer finds the nn.Module this closure holds and
+    # switches it to eval mode (jepa_monitor/_guards.py); a plain function has no mode of its own
     ids, mask = _batch()
 
     def closure(x):
