@@ -4,8 +4,8 @@ Everything runs on the demo's data and encoder (:mod:`jepa_monitor.demo`): the s
 ``make_splits(seed)``, :class:`~jepa_monitor.demo.lit.DigitJEPA` trained by a Lightning Trainer with
 :class:`~jepa_monitor.callbacks.JEPAScoreMonitor` attached exactly as ``jepa-monitor demo`` attaches
 it (held-out set: the whole reference split; held-out evaluation every ``steps // 10`` batches,
-incoming every ``steps // 25``, 32 incoming rows, ``drift_component="log_density"``, the monitor's
-default ``drift_threshold``; ``--policy`` adds the demo's ``make_policy(0.05, steps // 5)``).
+incoming every ``steps // 25``, 32 incoming rows, ``Alerts.component="log_density"``, the monitor's
+default ``Alerts.threshold``; ``--policy`` adds the demo's ``make_policy(0.05, steps // 5)``).
 
 1. **False alarms.** A CLEAN stream: rows drawn with replacement from the clean training pool of the
    training classes, no junk and no novel class (``DigitStream(junk_fraction=0, arrival=1)``). A
@@ -125,18 +125,17 @@ def run_once(splits: DigitSplits, stream: Rows, *, steps: int, batch_size: int, 
     import lightning as L
     from lightning.pytorch import Callback
 
-    from jepa_monitor.callbacks import JEPAScoreMonitor
+    from jepa_monitor.callbacks import Alerts, Cadence, JEPAScoreMonitor, Outputs
     from jepa_monitor.demo.lit import DigitJEPA
     from jepa_monitor.demo.run import make_policy
 
     reference = normalise(splits.reference[0])
     monitor = JEPAScoreMonitor(  # the arguments of jepa_monitor.demo.run.train
-        encoder="encoder", heldout=reference, heldout_max_samples=reference.shape[0],
-        every_n_steps=heldout_every, incoming_every_n_steps=incoming_every,
-        incoming_max_rows=INCOMING_ROWS, input_key="x", id_key="id",
-        policy=make_policy(0.05) if policy else None, seed=seed,
-        drift_threshold=threshold, num_images=0, export=False,
-    )
+        encoder="encoder", heldout=reference, input_key="x", id_key="id",
+        cadence=Cadence(heldout_rows=reference.shape[0], every_n_batches=heldout_every,
+                        incoming_every_n_batches=incoming_every, incoming_rows=INCOMING_ROWS, seed=seed),
+        alerts=Alerts(threshold=threshold), outputs=Outputs(num_images=0, export=False),
+        policy=make_policy(0.05) if policy else None)
 
     class StopAtAlert(Callback):
         """Ends the run at the first data-shift alert at or after ``stop_after_batch``."""
@@ -144,7 +143,7 @@ def run_once(splits: DigitSplits, stream: Rows, *, steps: int, batch_size: int, 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             h = monitor.history
             if (stop_after_batch is not None and h and h[-1]["split"] == "incoming" and h[-1]["batch"] >= stop_after_batch
-                    and h[-1]["drift_ks"] is not None and h[-1]["drift_ks"] > threshold):
+                    and h[-1]["shift_ks"] is not None and h[-1]["shift_ks"] > threshold):
                 trainer.should_stop = True
 
     logger = make_capture_logger()
@@ -164,16 +163,16 @@ def run_once(splits: DigitSplits, stream: Rows, *, steps: int, batch_size: int, 
 
 def summarise(run: Dict[str, Any], threshold: float) -> Dict[str, Any]:
     incoming = [h for h in run["history"] if h["split"] == "incoming"]
-    compared = [h for h in incoming if h["drift_ks"] is not None and not math.isnan(h["drift_ks"])]
-    shift_on = [h for h in compared if h["drift_ks"] > threshold]
+    compared = [h for h in incoming if h["shift_ks"] is not None and not math.isnan(h["shift_ks"])]
+    shift_on = [h for h in compared if h["shift_ks"] > threshold]
     change = [(step, m["jepa/heldout/model_change_alert"]) for step, m in run["logged"] if "jepa/heldout/model_change_alert" in m]
     change_ks = [(step, m["jepa/heldout/log_density/change_ks"]) for step, m in run["logged"]
                  if "jepa/heldout/log_density/change_ks" in m]
     return {
         "incoming": len(incoming), "compared": len(compared), "compared_batches": [h["batch"] for h in compared],
         "shift_alerts": len(shift_on), "shift_alert_batches": [h["batch"] for h in shift_on],
-        "shift_turn_on": len(run["warned"]), "max_shift_ks": max((h["drift_ks"] for h in compared), default=float("nan")),
-        "shift_ks": [(h["batch"], round(h["drift_ks"], 3)) for h in compared],
+        "shift_turn_on": len(run["warned"]), "max_shift_ks": max((h["shift_ks"] for h in compared), default=float("nan")),
+        "shift_ks": [(h["batch"], round(h["shift_ks"], 3)) for h in compared],
         "change_evals": len(change), "change_alerts": int(sum(v for _, v in change)),
         "change_alert_steps": [s for s, v in change if v], "change_ks": [(s, round(v, 3)) for s, v in change_ks],
     }
@@ -183,10 +182,10 @@ def delay(run: Dict[str, Any], onset_batch: int, threshold: float) -> Dict[str, 
     """Incoming evaluations (and batches) from the first one that saw shifted rows to the first alert."""
     seen = [h for h in run["history"] if h["split"] == "incoming" and h["batch"] >= onset_batch]
     first_seen = seen[0]["batch"] if seen else None
-    at = next((i for i, h in enumerate(seen) if h["drift_ks"] is not None and h["drift_ks"] > threshold), None)
-    first_compared = next((h["batch"] for h in seen if h["drift_ks"] is not None), None)
+    at = next((i for i, h in enumerate(seen) if h["shift_ks"] is not None and h["shift_ks"] > threshold), None)
+    first_compared = next((h["batch"] for h in seen if h["shift_ks"] is not None), None)
     out = {"first_seen": first_seen, "first_compared": first_compared,
-           "ks_after": [(h["batch"], round(h["drift_ks"], 3)) for h in seen if h["drift_ks"] is not None]}
+           "ks_after": [(h["batch"], round(h["shift_ks"], 3)) for h in seen if h["shift_ks"] is not None]}
     if at is None:
         out.update(evals=None, batches=None, alert_batch=None)
     else:
@@ -203,7 +202,7 @@ def main() -> None:
     p.add_argument("--shift-seeds", type=int, nargs="+", default=None, help="seeds of the delay runs (default: --seeds)")
     p.add_argument("--onset", type=float, default=0.5, help="fraction of the run after which shifted rows arrive")
     p.add_argument("--shift-fraction", type=float, default=1.0, help="share of every batch after the onset")
-    p.add_argument("--threshold", type=float, default=None, help="drift_threshold (default: the monitor's)")
+    p.add_argument("--threshold", type=float, default=None, help="Alerts.threshold (default: the monitor's)")
     p.add_argument("--policy", action="store_true", help="attach the demo's Drop policy (the filtered run)")
     p.add_argument("--heldout-every", type=int, default=None,
                    help="held-out cadence in batches (default: the demo's steps // 10); set it to the incoming "
@@ -216,9 +215,7 @@ def main() -> None:
     p.add_argument("--verbose", action="store_true", help="print every KS value")
     args = p.parse_args()
 
-    import inspect
-
-    from jepa_monitor.callbacks import JEPAScoreMonitor
+    from jepa_monitor.callbacks import Alerts
 
     torch.set_num_threads(args.threads)
     for name in ("lightning.pytorch", "lightning.pytorch.utilities.rank_zero", "lightning.fabric"):
@@ -226,7 +223,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", message=".*(LeafSpec|does not have many workers|SummaryWriter).*")
     threshold = args.threshold
     if threshold is None:
-        threshold = inspect.signature(JEPAScoreMonitor).parameters["drift_threshold"].default
+        threshold = Alerts().threshold
     steps, batch = args.steps, args.batch_size
     heldout_every = args.heldout_every or max(1, steps // 10)
     incoming_every: Any = args.incoming_every or max(1, steps // 25)
@@ -242,7 +239,7 @@ def main() -> None:
     n_ref = {s: int(make_splits(seed=s).reference[0].shape[0]) for s in set(args.seeds) | set(shift_seeds)}
     print(f"settings: {steps} steps x {batch} rows, held-out every {heldout_every} batches ({min(n_ref.values())}-"
           f"{max(n_ref.values())} reference rows, all scored), incoming {cadence_text} "
-          f"({INCOMING_ROWS} rows), drift_component=log_density, drift_threshold={threshold}, "
+          f"({INCOMING_ROWS} rows), Alerts(component=log_density, threshold={threshold}), "
           f"policy={'Drop(0.05, warmup=%d)' % (steps // 5) if args.policy else 'none'}, threads={args.threads}, "
           f"torch {torch.__version__}")
     print(f"data shift is compared only where a held-out evaluation (after b batches) meets an incoming one (before "

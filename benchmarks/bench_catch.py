@@ -6,7 +6,7 @@ trained by ``bench_curation.py``'s functions), the held-out reference is read ex
 ``_read_through_fit``, ``callbacks/_heldout.py`` ``trim_for_trust``):
 
 - reference digits: bench_curation's reference split (242 digits of the training classes);
-  K = 16: every row scored exactly; K = 192: the first 128 (``heldout_max_samples``) scored exactly
+  K = 16: every row scored exactly; K = 192: the first 128 (``Cadence.heldout_rows``) scored exactly
   and up to 4·K rows embedded (one forward pass; all 242 here, 4·K = 768 is more than there are);
 - the Gaussian of the reading fitted on every embedded row (``reading.fit_reading``), the scored
   rows' prior cross-fitted (``reading.cross_fitted_log_prior``), ``log_density = jepa_score + prior``;
@@ -20,12 +20,12 @@ made by ``jepa_monitor.demo.data.corrupt``; batch 128 at K = 16, 64 at K = 192) 
 configuration with one ``Scorer(encoder, prior=<the fitted Gaussian>)``:
 
 - exact every row: ``Drop(warmup=0, gate=False, sketch=None)``, the yardstick;
-- gate, all exact: ``Drop(warmup=0, gate_budget=None, sketch=None)`` (every undecided row exact);
-- default: ``Drop(warmup=0)`` (gate_budget 16, sketch "auto": exact rows up to K = 64, 24
+- gate, all exact: ``Drop(warmup=0, max_jacobian_rows=None, sketch=None)`` (every undecided row exact);
+- default: ``Drop(warmup=0)`` (max_jacobian_rows 16, sketch "auto": exact rows up to K = 64, 24
   directions at K = 192);
 - default, sketch=None: the same with exact Jacobian rows;
 - default, paced: ``Drop(warmup=0)`` with ``max_scored`` from a ``CurationPacer(0.2)`` (the
-  policy's ``curation_budget``), passes per row = the sketch's directions or K, as the monitor
+  policy's ``pass_share``), passes per row = the sketch's directions or K, as the monitor
   paces (``callbacks/_curation.py``: ``max_rows`` before the decision, ``spent`` after);
 - default, sketch=None, paced: the same with exact rows (K passes per row);
 - embedding only: ``score_key`` "log_prior" (the fitted prior), "mahalanobis", "knn".
@@ -70,7 +70,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_curation import LARGE_REFERENCE_ROWS, SPECS, make_step, train_encoder, upscale  # noqa: E402
 
 JUNK_FRACTION = 0.16
-CURATION_BUDGET = 0.2  # the policies' default curation_budget
+CURATION_BUDGET = 0.2  # the policies' default pass_share
 EXACT = "exact every row"
 PACED = ("default, paced", "default, sketch=None, paced")
 
@@ -78,7 +78,7 @@ PACED = ("default, paced", "default, sketch=None, paced")
 def configurations() -> Dict[str, Drop]:
     return {
         EXACT: Drop(warmup=0, gate=False, sketch=None),
-        "gate, all exact": Drop(warmup=0, gate_budget=None, sketch=None),
+        "gate, all exact": Drop(warmup=0, max_jacobian_rows=None, sketch=None),
         "default": Drop(warmup=0),
         "default, sketch=None": Drop(warmup=0, sketch=None),
         "default, paced": Drop(warmup=0),
@@ -141,7 +141,7 @@ def main() -> None:
           f"steps {args.steps} (K=16) / {args.steps_large} (K=192), batches {args.batches} x 128 rows (K=16) / "
           f"{args.batches_large} x 64 rows (K=192), junk fraction {JUNK_FRACTION} (4 kinds), Scorer vectorize="
           f"{vectorize}, load average {os.getloadavg()[0]:.1f} at start")
-    print("policies: Drop(quantile=0.05, min_keep=2, max_drop_fraction=0.5, warmup=0); default gate_budget=16, "
+    print("policies: Drop(quantile=0.05, min_keep=2, max_drop_fraction=0.5, warmup=0); default max_jacobian_rows=16, "
           f"gate_margin=0.1, sketch='auto' (exact up to K=64, max(16, K//8) directions above); pacing: "
           f"CurationPacer({CURATION_BUDGET}) (burst 4 batches), passes per row = sketch directions or K")
 
@@ -170,7 +170,7 @@ def main() -> None:
                 if m not in sketch_scores:
                     sketch_scores[m] = Scorer(encoder, prior=fitted).sketched(m).score(reference_x[:n_scored]).jepa_score
                 reference["sketch_score"] = sketch_scores[m]
-            policy.calibrate(reference, step=0)
+            policy.calibrate(reference, batch=0)
         default = configs["default"]
         ref_std = {c: float(columns[c].double().std()) for c in ("jepa_score", "log_prior", "log_density")}
         print(f"\n[{kind}] {spec.label}: trained {steps} steps in {trained:.0f} s; reference: {n_scored} rows scored "
@@ -212,7 +212,7 @@ def main() -> None:
                 policy = configs[name]
                 pacer = pacers.get(name)
                 cap = None if pacer is None else pacer.max_rows(batch, passes[name])
-                d = policy.decide_batch(scorer, x, step=b, max_scored=cap)
+                d = policy.decide_batch(scorer, x, batch=b, max_scored=cap)
                 if pacer is not None and d.active:
                     pacer.spent(batch, int(d.n_scored), passes[name])
                 times[name].append(time.perf_counter() - t)

@@ -4,10 +4,10 @@
    shifted junk), each curation configuration's ``decide_batch`` is timed against one training step
    of the same encoder (two augmented views, LeJEPA loss, AdamW), alternating; the ratio of medians
    is printed per encoder, one column group each. Configurations: exact scores for every row
-   (``gate=False``), the two-stage gate with every undecided row exact (``gate_budget=None``), the
-   default ``Drop(warmup=0)`` / ``Reweight(warmup=0)`` (gate, ``gate_budget=16``), the gate capped at
+   (``gate=False``), the two-stage gate with every undecided row exact (``max_jacobian_rows=None``), the
+   default ``Drop(warmup=0)`` / ``Reweight(warmup=0)`` (gate, ``max_jacobian_rows=16``), the gate capped at
    ``--budgets`` Jacobian rows per batch, the prior alone (``score_key="log_prior"``, no Jacobian)
-   and the default on a cadence (``every_n_steps=4``). ``warmup=0``: the default warm-up waits for
+   and the default on a cadence (``every_n_batches=4``). ``warmup=0``: the default warm-up waits for
    trust, which is not what this measures. The last column of each group is the fraction of rows
    whose keep/drop differs from exact scoring of every row (Reweight: mean |weight error|).
    The configurations whose cost does not depend on the round (exact every row, the gate with
@@ -32,7 +32,7 @@ Encoders (``--encoders``, default ``demo,vit192``):
 - ``mlp192`` (K = 192): an MLP 64→256→256→192 on the flattened 8×8 digits (K > D = 64: the score
   is over the 64 singular values of J), trained as ``mlp``.
 K = 16 encoders calibrate on all 242 reference digits, K = 192 encoders on the first 128 (the
-monitor's default ``heldout_max_samples``).
+monitor's default ``Cadence.heldout_rows``).
 
     python benchmarks/bench_curation.py                             # ~3.5 min on 2 busy CPU cores
     python benchmarks/bench_curation.py --encoders demo --steps 100 --repeats 5
@@ -64,7 +64,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_vit import ViT  # noqa: E402  (the ViT of benchmarks/bench_vit.py)
 
 BATCH = 128
-LARGE_REFERENCE_ROWS = 128  # the monitor's default heldout_max_samples
+LARGE_REFERENCE_ROWS = 128  # the monitor's default Cadence.heldout_rows
 
 
 @dataclass(frozen=True)
@@ -204,14 +204,14 @@ def policies(budgets: List[int]) -> Dict[str, object]:
     # warmup=0: the trust warm-up is not what this measures (the policies act on every batch here).
     return {
         "Drop, exact every row": Drop(warmup=0, gate=False),
-        "Drop, gate, all exact": Drop(warmup=0, gate_budget=None),
+        "Drop, gate, all exact": Drop(warmup=0, max_jacobian_rows=None),
         "Drop(warmup=0) default (b=16)": Drop(warmup=0),
-        **{f"Drop, gate, budget {b}": Drop(warmup=0, gate_budget=b) for b in budgets},
+        **{f"Drop, gate, budget {b}": Drop(warmup=0, max_jacobian_rows=b) for b in budgets},
         "Drop, prior only": Drop(warmup=0, score_key="log_prior"),
-        "Drop(warmup=0), every 4th": Drop(warmup=0, every_n_steps=4),
+        "Drop(warmup=0), every 4th": Drop(warmup=0, every_n_batches=4),
         REPLAYED: Reweight(warmup=0, gate=False),
         "Reweight(warmup=0) default (b=16)": Reweight(warmup=0),
-        "Reweight, gate, all exact": Reweight(warmup=0, gate_budget=None),
+        "Reweight, gate, all exact": Reweight(warmup=0, max_jacobian_rows=None),
     }
 
 
@@ -239,10 +239,10 @@ def cost_table(encoder, kind, stream_x, reference, repeats, n_batches, seed, bud
                     continue
                 if name == REPLAYED:
                     if not r:
-                        exact[("reweight", b)] = policy.decide_batch(Replay(exact[("drop", b)].scores), x, step=0)
+                        exact[("reweight", b)] = policy.decide_batch(Replay(exact[("drop", b)].scores), x, batch=0)
                     continue
                 t = time.perf_counter()
-                d = policy.decide_batch(score_fn, x, step=r * n_batches + b)
+                d = policy.decide_batch(score_fn, x, batch=r * n_batches + b)
                 times[name].append(time.perf_counter() - t)
                 ref = exact.setdefault((policy.mode, b), d)  # the first of each mode scores every row
                 differ[name] += float((d.keep != ref.keep).sum() if policy.mode == "drop" else (d.weight - ref.weight).abs().sum())
@@ -250,7 +250,7 @@ def cost_table(encoder, kind, stream_x, reference, repeats, n_batches, seed, bud
     step_ms = statistics.median(times["train step"]) * 1e3
     rows = {"train step": (step_ms, 1.0, None, None)}
     for name, policy in configs.items():
-        agg = statistics.mean if policy.every_n_steps > 1 else statistics.median
+        agg = statistics.mean if policy.every_n_batches > 1 else statistics.median
         ms = agg(times[name]) * 1e3
         frac = policy.counts["rows_scored"] / max(1, policy.counts["rows_seen"])
         n_rows = (1 if name in ONCE or name == REPLAYED else repeats) * n_batches * BATCH
@@ -290,7 +290,7 @@ def main() -> None:
     parser.add_argument("--batches-large", type=int, default=2, help="distinct stream batches per round (K=192)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 gives steadier ratios)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--budgets", default="8,32", help="comma-separated extra gate_budget values to time")
+    parser.add_argument("--budgets", default="8,32", help="comma-separated extra max_jacobian_rows values to time")
     parser.add_argument("--catch-all", action="store_true", help="the catch table for every encoder (K=192: minutes)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

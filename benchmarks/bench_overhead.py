@@ -17,6 +17,7 @@ import statistics
 import tempfile
 import time
 import warnings
+from dataclasses import replace
 
 import lightning.pytorch as pl
 import torch
@@ -24,7 +25,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from jepa_monitor.callbacks import JEPAScoreMonitor
+from jepa_monitor.callbacks import Cadence, JEPAScoreMonitor
 
 
 class Encoder(nn.Module):
@@ -107,16 +108,16 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--every", type=int, default=None, help="every_n_steps (default: the callback's)")
-    parser.add_argument("--incoming-every", type=int, default=None, help="incoming_every_n_steps")
+    parser.add_argument("--every", type=int, default=None, help="Cadence.every_n_batches (default: the callback's)")
+    parser.add_argument("--incoming-every", type=int, default=None, help="Cadence.incoming_every_n_batches")
     args = parser.parse_args()
-    kwargs = {}
+    cadence = Cadence()
     if args.every is not None:
-        kwargs["every_n_steps"] = args.every
+        cadence = replace(cadence, every_n_batches=args.every)
     if args.incoming_every is not None:
-        kwargs["incoming_every_n_steps"] = args.incoming_every
-    defaults = JEPAScoreMonitor.__init__.__kwdefaults__
-    cfg = {k: kwargs.get(k, defaults[k]) for k in ("every_n_steps", "incoming_every_n_steps", "heldout_max_samples", "incoming_max_rows")}
+        cadence = replace(cadence, incoming_every_n_batches=args.incoming_every)
+    kwargs = {"cadence": cadence}
+    cfg = {k: getattr(cadence, k) for k in ("every_n_batches", "incoming_every_n_batches", "heldout_rows", "incoming_rows")}
     warnings.filterwarnings("ignore")
     torch.set_num_threads(torch.get_num_threads())
     plain, watched, scoring = [], [], []

@@ -12,7 +12,7 @@ For an MLP, a small CNN and a small ViT (patch embedding + 2 blocks through
 - paper / ours: the paper's listing (``autograd.functional.jacobian`` of ``lambda x: f(x).sum(0)``,
   then ``svdvals`` of the (B, K, D) Jacobian) over ours. Target > 1.
 - peak memory: the increase of resident memory while scoring, sampled every 0.5 ms in a fresh
-  child process per cell, for the floor, ours (``memory_budget`` = 8 MiB, which bounds the Jacobian
+  child process per cell, for the floor, ours (``memory_bytes`` = 8 MiB, which bounds the Jacobian
   chunk, not the activations) and the paper's listing.
 - slq vs exact at K = 256 and 1024: exact time / SLQ time (default options: 8 probes, 24 steps)
   and Spearman of the two scores.
@@ -194,7 +194,7 @@ def child_memory(args) -> None:
 
 def _run_child(args, model, x) -> None:
     if args.child == "exact":
-        score_samples(model, x, memory_budget=args.budget)
+        score_samples(model, x, memory_bytes=args.budget)
     elif args.child == "floor":
         floor(model, x)
     else:
@@ -375,7 +375,7 @@ def bounded_table(quick: bool, repeats: int) -> None:
     budgets = {"unbounded": None, "unbounded bytes / 2": full // 2, "unbounded bytes / 4": full // 4}
     print(f"\nMemory-bounded Jacobian rows ({_device_name()}, K={k}, B={b}, D={d}, loop rows, median of {repeats} "
           f"interleaved repeats; unbounded rows: float32 + float64 column chunk + Gram = {full / 2**20:.1f} MiB):")
-    print("| model | memory_budget | held rows | groups | row-VJPs / K | planned MiB | s | s / unbounded | max abs score diff (nats) |")
+    print("| model | memory_bytes | held rows | groups | row-VJPs / K | planned MiB | s | s / unbounded | max abs score diff (nats) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name in MODELS:
         model, x = build(name, k), batch(b, seed=4)
@@ -383,7 +383,7 @@ def bounded_table(quick: bool, repeats: int) -> None:
 
         def run(label, budget, model=model, x=x):
             with scoring_context(model, x.device):
-                grams[label] = embedding_and_gram(model, x, memory_budget=budget)[1]
+                grams[label] = embedding_and_gram(model, x, memory_bytes=budget)[1]
 
         t = interleaved({label: (lambda label=label, budget=budget: run(label, budget)) for label, budget in budgets.items()}, repeats)
         ref = half_logdet(grams["unbounded"])[0]
@@ -439,7 +439,7 @@ def main() -> None:
     k_big = (256,) if args.quick else (256, 1024)
     budget = 8 * 2**20
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {_device_name()}, input {IMAGE}, "
-          f"B={b} at K={k_small}, B={b_approx} for slq vs exact, memory_budget={budget // 2**20} MiB, "
+          f"B={b} at K={k_small}, B={b_approx} for slq vs exact, memory_bytes={budget // 2**20} MiB, "
           f"median of {repeats} interleaved repeats (large K: one run each)")
     header = ("model", "floor s", "exact/floor auto", "exact/floor B", "paper/ours", "peak MiB floor",
               "peak MiB exact", "peak MiB paper", *[f"K={k}: exact/slq, rho" for k in k_big])

@@ -66,7 +66,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from jepa_monitor import score_samples
 from jepa_monitor.jacobian import cached_vectorize_decisions, describe_mode, plan_rows
 
-DEFAULT_BUDGET = 256 * 2**20  # score_samples' default memory_budget
+DEFAULT_BUDGET = 256 * 2**20  # score_samples' default memory_bytes
 
 CONFIGS: Dict[str, dict] = {
     "tiny32": dict(img=32, patch=4, dim=192, depth=4, heads=3),
@@ -165,7 +165,7 @@ def measure(name: str, args, device: torch.device) -> dict:
     x = torch.randn(args.images, 3, cfg["img"], cfg["img"], generator=torch.Generator().manual_seed(1)).to(device)
     k_dim, d_dim = cfg["dim"], 3 * cfg["img"] ** 2
     width = args.width or (16 if device.type == "cpu" else 64)
-    opts = dict(pool=args.pool, memory_budget=args.budget)
+    opts = dict(pool=args.pool, memory_bytes=args.budget)
     scores = {}
 
     def scorer(key: str, **extra) -> Callable[[], None]:
@@ -424,7 +424,7 @@ def main() -> None:
     parser.add_argument("--big", action="store_true", help="allow the 224 px configs on CPU")
     parser.add_argument("--pool", choices=["first", "mean"], default="first")
     parser.add_argument("--width", type=int, default=0, help="rows per batched backward (default 16 CPU / 64 GPU)")
-    parser.add_argument("--budget", type=int, default=DEFAULT_BUDGET, help="memory_budget in bytes (default 256 MiB)")
+    parser.add_argument("--budget", type=int, default=DEFAULT_BUDGET, help="memory_bytes in bytes (default 256 MiB)")
     parser.add_argument("--no-slq", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--markdown", help="also append the tables to this file")
@@ -444,7 +444,7 @@ def main() -> None:
     args.repeats = args.repeats or (1 if args.quick else 3)
     header = (f"torch {torch.__version__}, device {device}"
               + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f", {torch.get_num_threads()} thread(s)")
-              + f", pool={args.pool}, memory_budget={args.budget / 2**20:.0f} MiB, median of {args.repeats} "
+              + f", pool={args.pool}, memory_bytes={args.budget / 2**20:.0f} MiB, median of {args.repeats} "
               f"interleaved round(s) after a warm-up")
     rates = {"A100 FP32 ~15": 15e12, "H100/H200 FP32 ~40": 40e12}
     # The projection needs no measurement: it comes first, so a run stopped at a time limit keeps it

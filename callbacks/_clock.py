@@ -65,29 +65,29 @@ class MonitorClock:
 
     def share(self) -> float:
         """Measurement seconds (everything but curation) over wall seconds since fit start, the
-        fit-start burst left out of both: what ``budget`` bounds (0 while only the burst has run)."""
+        fit-start burst left out of both: what ``Cadence.pass_share`` bounds, in passes (0 while only the burst has run)."""
         wall = self._wall()
         measured = self.run - self.curation + self._running() - self.burst_now()
         return measured / wall if wall > 0 and measured > 0 else 0.0
 
     def curation_share(self) -> float:
-        """Curation seconds over the same wall time: what ``curation_budget`` bounds (as a share of
+        """Curation seconds over the same wall time: what the policy's ``pass_share`` bounds, in passes (as a share of
         training batches, c/s, rather than of the wall time, c/(s + c + ...))."""
         wall = self._wall()
         return self.curation / wall if wall > 0 else 0.0
 
-    def metrics(self, keys: MetricKeys, seconds: float, *, failures_total: int, budget: Optional[float],
-                curation_budget: Optional[float], curating: bool, gap: Optional[int]) -> Dict[str, float]:
+    def metrics(self, keys: MetricKeys, seconds: float, *, failures_total: int, measurement_share: Optional[float],
+                curation_share: Optional[float], curating: bool, gap: Optional[int]) -> Dict[str, float]:
         """The ``time/`` scalars logged with an evaluation that took ``seconds`` (the monitor's docstring)."""
         metrics = {keys.time("score_seconds"): seconds, keys.time("total_score_seconds"): self.total_now(),
                    keys.time("share"): self.share(), keys.time("fit_start_seconds"): self.burst_now(),
                    keys("monitor", "failures_total"): float(failures_total)}
-        if budget is not None:
-            metrics[keys.time("budget")] = budget
+        if measurement_share is not None:
+            metrics[keys.time("measurement_pass_share")] = measurement_share
         if curating:
             metrics[keys.time("curation_share")] = self.curation_share()
-            if curation_budget is not None:
-                metrics[keys.time("curation_budget")] = curation_budget
+            if curation_share is not None:
+                metrics[keys.time("curation_pass_share")] = curation_share
         if gap is not None:
             metrics[keys.time("heldout_gap")] = float(gap)
         return metrics

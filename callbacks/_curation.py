@@ -34,7 +34,7 @@ class Curation:
     def __init__(self, policy: Any, keys: MetricKeys, tag: str, *, input_key: Key, id_key: Key,
                  side_keys: Mapping[str, Key], max_failures: int) -> None:
         self.policy, self.keys = policy, keys
-        budget = policy.curation_budget
+        budget = policy.pass_share
         self.pacer = CurationPacer(budget) if budget is not None else None
         self.input_key, self.id_key, self.side_keys = input_key, id_key, side_keys
         self.failures = FailureCounter.for_curation(tag, max_failures)
@@ -67,10 +67,10 @@ class Curation:
             self.warned_estimate = True
             warnings.warn(f"{self.tag}: curation decided {n_estimated} of {n} rows at training batch {batch_index} from "
                           "an estimate (their prior term plus the reference's median Jacobian term), not from their Jacobian: "
-                          "the embedding's prior did not separate them and the policy's gate_budget (or its "
-                          "curation_budget pacing) capped the Jacobian rows. Such decisions are only as good as that "
-                          "estimate (watch rows_estimated_total); raise curation_budget (None: no pacing) and the "
-                          "policy's gate_budget (None: every undecided row exact) if junk gets through.",
+                          "the embedding's prior did not separate them and the policy's max_jacobian_rows (or its "
+                          "pass_share pacing) capped the Jacobian rows. Such decisions are only as good as that "
+                          "estimate (watch rows_estimated_total); raise pass_share (None: no pacing) and the "
+                          "policy's max_jacobian_rows (None: every undecided row exact) if junk gets through.",
                           RuntimeWarning, stacklevel=2)
         # Editing the batch is not a measurement: an error here is a bug and must surface rather
         # than train on a half-edited batch.

@@ -24,7 +24,7 @@ class CurationPacer:
 
     def __init__(self, share: float, burst: float = 4.0) -> None:
         if not (isinstance(share, (int, float)) and share > 0):
-            raise ValueError(f"curation_budget={share!r} must be a positive share of a training batch's "
+            raise ValueError(f"pass_share={share!r} must be a positive share of a training batch's "
                              "backward passes, or None.")
         self.share, self.burst = float(share), float(burst)
         self.credit = 0.0

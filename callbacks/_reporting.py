@@ -18,6 +18,7 @@ from jepa_monitor.export import ScoreExporter, export_path
 from jepa_monitor.diagnostics import is_trusted
 from jepa_monitor.metrics import Measurement, MetricKeys, custom_scalars_layout, rank_deficiency_metrics
 
+from ._options import Alerts, Outputs
 from ._tensorboard import first_writer_dir, summary_writers, write_extremes, write_histograms
 
 ALERT_MEANING = {"data_shift": "incoming rows differ from held-out rows scored with the same weights",
@@ -27,11 +28,9 @@ ALERT_MEANING = {"data_shift": "incoming rows differ from held-out rows scored w
 class Reporter:
     """Writes one monitor's results (global rank 0 writes; other ranks return at once)."""
 
-    def __init__(self, keys: MetricKeys, tag: str, *, components: Sequence[str], drift_component: str,
-                 drift_threshold: float, alert_on: Sequence[str], num_images: int, export: Any) -> None:
-        self.keys, self.tag, self.components = keys, tag, tuple(components)
-        self.drift_component, self.drift_threshold, self.alert_on = drift_component, drift_threshold, tuple(alert_on)
-        self.num_images, self.export = num_images, export
+    def __init__(self, keys: MetricKeys, tag: str, *, alerts: Alerts, outputs: Outputs) -> None:
+        self.keys, self.tag, self.alert_options = keys, tag, alerts
+        self.components, self.num_images, self.export = outputs.components, outputs.num_images, outputs.export
         self.exporter: Optional[ScoreExporter] = None
         self.warned: set = set()
         self.warnings_on: Dict[str, bool] = {}  # trust / agreement warnings: once per episode
@@ -50,18 +49,19 @@ class Reporter:
             rank_zero_warn(message)
 
     def alerts(self, turned_on: Sequence[str], batch: int) -> None:
-        """Warn for each alert that just turned on and is in ``alert_on``."""
+        """Warn for each alert that just turned on and is in ``Alerts.warn_on``."""
+        a = self.alert_options
         for kind in turned_on:
-            if kind in self.alert_on:
+            if kind in a.warn_on:
                 rank_zero_warn(f"{self.tag}: {kind.replace('_', ' ')} alert at training batch {batch}: KS statistic of "
-                               f"{self.drift_component} > drift_threshold = {self.drift_threshold} ({ALERT_MEANING[kind]}).")
+                               f"{a.component} > Alerts.threshold = {a.threshold} ({ALERT_MEANING[kind]}).")
 
     def trust(self, result: Any, batch: int) -> None:
         """Warn when trust is unknown (once), when it turns low, and when scores disagree sharply."""
         if math.isnan(result.trust):
             self.warn_once("trust-unknown", f"{self.tag}: trust is unknown at training batch {batch} ({result.weakest}); "
                            "the trust diagnostics need more embedded held-out rows than K. Give a larger held-out "
-                           "set (trust_samples='auto' uses 4·K rows).")
+                           "set (Cadence(trust_rows='auto') uses 4·K rows).")
         low = not math.isnan(result.trust) and not is_trusted(result.trust)
         if low and not self.warnings_on.get("trust", False):
             rank_zero_warn(f"{self.tag}: trust {result.trust:.2f} at training batch {batch}: the held-out embeddings are "
@@ -109,7 +109,7 @@ class Reporter:
         write_histograms(writers, {self.keys.hist(split, c): scores[c] for c in self.components}, step)
         if images is not None and self.num_images > 0 and looks_like_images(images):
             write_extremes(writers, self.keys.image(split, "lowest"), self.keys.image(split, "highest"), images,
-                           scores[self.drift_component], self.num_images, step)
+                           scores[self.alert_options.component], self.num_images, step)
         for writer in writers:
             writer.flush()
 
@@ -130,9 +130,11 @@ class Reporter:
         self.rows(trainer, trainer.global_step, split, m.num_rows, sample_ids=sample_ids, scores=m.scores,
                   n_floored=m.n_floored)
 
-    def plan(self, trainer: Any, *, gap: int, budget: float, rows: Tuple[int, int]) -> None:
-        """A new budget plan: the gap to the next held-out evaluation and the rows of the next evaluations."""
-        self.log(trainer, {self.keys.time("heldout_gap"): float(gap), self.keys.time("budget"): float(budget),
+    def plan(self, trainer: Any, *, gap: int, share: float, rows: Tuple[int, int]) -> None:
+        """A new plan within ``Cadence.pass_share``: the gap to the next held-out evaluation and the
+        rows of the next evaluations."""
+        self.log(trainer, {self.keys.time("heldout_gap"): float(gap),
+                           self.keys.time("measurement_pass_share"): float(share),
                            self.keys.time("heldout_rows"): float(rows[0]),
                            self.keys.time("incoming_rows"): float(rows[1])})
 

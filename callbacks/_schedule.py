@@ -1,18 +1,18 @@
-"""When the monitor scores: a fixed cadence, or a share of training's backward passes (the budget).
+"""When the monitor scores: a fixed cadence, or a share of training's backward passes (``Cadence.pass_share``).
 
 Costs are counted, never timed, so the schedule (and the curation calibrated at each evaluation) is
 the same on any machine and under any load. The unit is one backward pass of one sample through
 the encoder: a Jacobian-scored row costs K of them, an embedded row (trust) one, and a training
-batch of B rows at least B. With a budget, the held-out evaluation (and the incoming rows scored
-with the same weights right after it) is spaced so that its cost stays within ``budget`` of
+batch of B rows at least B. With a share, the held-out evaluation (and the incoming rows scored
+with the same weights right after it) is spaced so that its cost stays within ``pass_share`` of
 training's passes:
 
-    gap = ceil(E / (budget·(s + c)))
+    gap = ceil(E / (pass_share·(s + c)))
 
 batches between evaluations, where E is the cost of one evaluation, s the median rows of a training
 batch and c the median passes curation spent per batch (a policy decides every batch; its Jacobian
-rows have their own share, ``curation_budget``, paced in ``_pacing.py``). The first evaluation, at
-fit start, is outside the budget.
+rows have their own share, ``pass_share``, paced in ``_pacing.py``). The first evaluation, at
+fit start, is outside the share.
 
 A monitor with a policy evaluates the held-out set at doubling intervals early in the run (after
 :data:`EARLY_GAP` batches, then at 2×, 4×, … that batch index, never later than the planned gap):
@@ -20,7 +20,7 @@ the encoder changes fastest at the start, and a policy's threshold comes from th
 
 How many rows: an evaluation of a large encoder (K backward passes per Jacobian row) can cost so
 much that the gap would leave the run nearly unobserved. When the
-gap at the configured rows (``heldout_max_samples``, ``incoming_max_rows``) exceeds
+gap at the configured rows (``Cadence.heldout_rows``, ``Cadence.incoming_rows``) exceeds
 :data:`TARGET_GAP` batches, the rows are scaled down in proportion (the cost is taken as
 proportional to the rows, which the Jacobian dominates), to no fewer than :data:`MIN_HELDOUT_ROWS`
 and :data:`MIN_INCOMING_ROWS`; only then does the gap grow past the target. No Lightning import: plain numbers.
@@ -31,54 +31,48 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-#: Training batches counted before the first budget plan.
+from ._options import Cadence
+
+#: Training batches counted before the first plan.
 WARMUP_BATCHES = 5
 #: Batches between the first held-out evaluations while a policy waits for trust.
 EARLY_GAP = 50
-#: Batches between held-out evaluations beyond which the budget scores fewer rows first.
+#: Batches between held-out evaluations beyond which the plan scores fewer rows first.
 TARGET_GAP = 1000
-#: Fewest held-out rows the budget scores (the policies' gate needs 64 reference rows; a KS
+#: Fewest held-out rows a plan scores (the policies' gate needs 64 reference rows; a KS
 #: statistic on fewer is coarse), and fewest incoming rows.
 MIN_HELDOUT_ROWS = 64
 MIN_INCOMING_ROWS = 8
 
 
 class Schedule:
-    def __init__(self, every_n_steps: Optional[int], incoming_every_n_steps: Union[int, str, None],
-                 budget: Optional[float], max_gap: int = 100_000) -> None:
-        if budget is not None and not 0.0 < budget < 1.0:
-            raise ValueError(f"budget={budget!r} must be a share of training's backward passes in (0, 1), e.g. 0.05, or None.")
-        if every_n_steps is None and budget is None:
-            raise ValueError("give every_n_steps (a fixed cadence) or budget (a share of training's backward passes).")
-        if incoming_every_n_steps not in (None, "auto") and not (
-                isinstance(incoming_every_n_steps, int) and incoming_every_n_steps >= 1):
-            raise ValueError(f"incoming_every_n_steps must be a positive integer, 'auto' or None; got {incoming_every_n_steps!r}.")
-        self.every_n_steps, self.incoming_every_n_steps = every_n_steps, incoming_every_n_steps
-        self.budget, self.max_gap = budget, max_gap
-        self.next_heldout: Optional[int] = None  # budget mode: the batch of the next evaluation
+    def __init__(self, cadence: Cadence, max_gap: int = 100_000) -> None:
+        self.every_n_batches, self.incoming_every_n_batches = cadence.every_n_batches, cadence.incoming_every_n_batches
+        self.share, self.max_gap = cadence.pass_share, max_gap
+        self.next_heldout: Optional[int] = None  # share mode: the batch of the next evaluation
         self.gap: Optional[int] = None
-        self.rows: Optional[Tuple[int, int]] = None  # budget mode: (held-out, incoming) rows planned
+        self.rows: Optional[Tuple[int, int]] = None  # share mode: (held-out, incoming) rows planned
         self.batch_passes: deque = deque(maxlen=50)
         self.curation_passes: deque = deque(maxlen=50)
 
     @property
     def budgeted(self) -> bool:
-        """Evaluations spaced by the budget (no fixed ``every_n_steps``)."""
-        return self.every_n_steps is None
+        """Evaluations spaced by ``pass_share`` (no fixed ``every_n_batches``)."""
+        return self.every_n_batches is None
 
     def heldout_due(self, batch: int) -> bool:
         if not self.budgeted:
-            return batch % self.every_n_steps == 0
+            return batch % self.every_n_batches == 0
         return self.next_heldout is not None and batch >= self.next_heldout
 
     def incoming_due(self, batch: int, latest_heldout_batch: int) -> bool:
-        if self.incoming_every_n_steps is None:
+        if self.incoming_every_n_batches is None:
             return False
-        if self.incoming_every_n_steps == "auto":  # right after each held-out evaluation: same weights
+        if self.incoming_every_n_batches == "auto":  # right after each held-out evaluation: same weights
             return batch == latest_heldout_batch
-        return batch % self.incoming_every_n_steps == 0
+        return batch % self.incoming_every_n_batches == 0
 
     def needs_plan(self) -> bool:
         return self.budgeted and self.next_heldout is None and len(self.batch_passes) >= WARMUP_BATCHES
@@ -89,10 +83,10 @@ class Schedule:
         self.curation_passes.append(max(int(curation_passes), 0))
 
     def _room(self) -> float:
-        return self.budget * (statistics.median(self.batch_passes) + statistics.median(self.curation_passes))
+        return self.share * (statistics.median(self.batch_passes) + statistics.median(self.curation_passes))
 
     def propose_gap(self, evaluation_passes: float) -> Optional[int]:
-        """Batches until the next evaluation that keep its cost within the budget (this rank's view;
+        """Batches until the next evaluation that keep its cost within ``pass_share`` (this rank's view;
         the ranks agree on the largest). None before any batch was counted."""
         if not self.batch_passes:
             return None

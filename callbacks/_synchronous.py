@@ -12,7 +12,7 @@ candidates on each rank's own clock and may pick differently (a straggling rank 
 count of passes for a given row count, and no graph retained across backward passes, which FSDP1
 (Lightning's ``FSDPStrategy``) needs: it frees the gathered parameters after a backward pass, and
 the row loop's second backward pass on the retained graph then fails. An explicit ``vectorize`` in
-``score_options`` is kept as given; ``"auto"`` is refused with the reason.
+the monitor's ``Scorer`` is kept as given; ``"auto"`` is refused with the reason.
 
 DDP does not need this (parameters are replicated; scoring makes no collective call), so the
 monitor turns it on by default only for sharded strategies (``rank_synchronous="auto"``).

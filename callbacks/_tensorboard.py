@@ -1,9 +1,10 @@
 """What only a SummaryWriter can show: histograms, image grids and the custom-scalars layout.
 
 ``log_metrics`` takes scalars only, so these go to the writer behind each logger directly, on
-global rank 0 only (elsewhere ``experiment`` is a stand-in). A writer is recognised by what it can
-do, not by its class: ``lightning.pytorch`` and ``pytorch_lightning`` each have their own
-``TensorBoardLogger`` class, and an ``isinstance`` check against one misses the other.
+global rank 0 only (elsewhere ``experiment`` is a stand-in). A writer is recognised by the class of
+the logger's ``experiment`` (torch's or tensorboardX's ``SummaryWriter``), not by the logger's: the
+``lightning.pytorch`` and ``pytorch_lightning`` namespaces each have their own ``TensorBoardLogger``
+class, and both hand out the same writer classes.
 """
 
 from __future__ import annotations
@@ -12,7 +13,19 @@ from typing import Any, Callable, List, Mapping, Optional, Sequence
 
 import torch
 
-WRITER_METHODS = ("add_histogram", "add_image", "add_custom_scalars")
+
+
+def _writer_classes() -> tuple:
+    from torch.utils.tensorboard import SummaryWriter
+
+    classes = [SummaryWriter]
+    try:
+        import tensorboardX
+    except ImportError:  # optional: Lightning's loggers use it only when tensorboard is absent
+        pass
+    else:
+        classes.append(tensorboardX.SummaryWriter)
+    return tuple(classes)
 
 
 def _writer_of(logger: Any) -> Optional[Any]:
@@ -20,9 +33,7 @@ def _writer_of(logger: Any) -> Optional[Any]:
         experiment = logger.experiment
     except Exception:  # a logger that cannot start its backend here is not a writer
         return None
-    if all(callable(getattr(experiment, m, None)) for m in WRITER_METHODS):
-        return experiment
-    return None
+    return experiment if isinstance(experiment, _writer_classes()) else None
 
 
 def summary_writers(trainer: Any, warn_once: Optional[Callable[[str, str], None]] = None) -> List[Any]:
@@ -45,7 +56,7 @@ def summary_writers(trainer: Any, warn_once: Optional[Callable[[str, str], None]
 def first_writer_dir(trainer: Any) -> Optional[str]:
     """Log dir of the first logger with a SummaryWriter (where the export goes), else None."""
     for logger in trainer.loggers:
-        if _writer_of(logger) is not None and getattr(logger, "log_dir", None):
+        if _writer_of(logger) is not None and logger.log_dir:
             return logger.log_dir
     return None
 

@@ -16,9 +16,9 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from jepa_monitor import metrics as mon
 from jepa_monitor.batches import Key, get_ids, get_input
 from jepa_monitor.reading import READINGS, cross_fitted_log_prior, fit_reading
+from jepa_monitor.policies import Policy
 from jepa_monitor.scorer import Scorer
 from jepa_monitor.whitening import Whitening
-from jepa_monitor.sample_scores import COMPONENTS
 
 from ._clock import MonitorClock
 from ._config import build_scorer, check_arguments, check_batch, read_heldout
@@ -28,6 +28,7 @@ from ._failures import FailureCounter
 from ._heldout import HeldoutSet, pick_rows, side_inputs
 from ._refresh import ReadingRefresh, refresh_cost
 from ._reporting import Reporter
+from ._options import Alerts, Cadence, Outputs
 from ._schedule import Schedule
 from ._synchronous import SynchronousScorer, synchronous_world
 
@@ -43,14 +44,15 @@ def _message(err: BaseException) -> str:
 class JEPAScoreMonitor(Callback):
     r"""Scores held-out and incoming samples with the encoder's density estimate during training.
 
-    The held-out set is scored when fit starts, then within a **budget** (default: 5 % of training's
-    backward passes, counted, never timed: ``callbacks/_schedule.py``; with a policy the first
-    evaluations come at doubling intervals) or every ``every_n_steps`` training batches when that is
-    given (the callback's own counter, so gradient accumulation does not change the cadence; the
-    evaluation runs after the step of that batch), and under ``trainer.validate()`` / ``test()``.
-    Rows of the current training batch (a random subset from a private generator) are scored right
-    after each held-out evaluation (``incoming_every_n_steps="auto"``: the same weights, which the
-    data-shift test needs) or every ``incoming_every_n_steps`` batches. Scoring runs in eval mode
+    The held-out set is scored when fit starts, then within ``Cadence.pass_share`` of training's
+    backward passes (default 5 %, counted, never timed: ``callbacks/_schedule.py``; with a policy the
+    first evaluations come at doubling intervals) or every ``Cadence.every_n_batches`` training
+    batches when that is given (the callback's own counter, so gradient accumulation does not change
+    the cadence; the evaluation runs after the step of that batch), and under ``trainer.validate()`` /
+    ``test()``. Rows of the current training batch (a random subset from a private generator) are
+    scored right after each held-out evaluation (``Cadence.incoming_every_n_batches="auto"``: the same
+    weights, which the data-shift test needs) or every ``incoming_every_n_batches`` batches. A
+    *batch* is the callback's count of training batches; a *step* is ``trainer.global_step``. Scoring runs in eval mode
     with every module's mode restored, in full precision, without touching parameters, their
     gradients or the global RNG, so a monitored run trains exactly as an unmonitored one. Works with
     ``lightning.pytorch`` and ``pytorch_lightning`` Trainers.
@@ -66,7 +68,7 @@ class JEPAScoreMonitor(Callback):
     any machine and under any load.
 
     **Logged scalars** (every logger, at ``trainer.global_step``; ``<split>`` is ``heldout``,
-    ``incoming``, ``validate`` or ``test``, ``<c>`` each of ``components``):
+    ``incoming``, ``validate`` or ``test``, ``<c>`` each of ``Outputs.components``):
 
     - ``<name>/<split>/<c>/mean``, ``std``, ``p1``, ``p5``, ``p50``, ``p95`` — summary of the finite
       scores (nats).
@@ -77,15 +79,15 @@ class JEPAScoreMonitor(Callback):
     - ``<name>/incoming/<c>/shift_ks``, ``shift_w1`` — **data shift**: incoming rows against held-out rows
       scored with the same weights at the same batch (only at batches where both are scored: every
       held-out evaluation that an incoming evaluation coincides with — all of them by default).
-    - ``<name>/incoming/data_shift_alert`` — 1 when ``shift_ks`` of ``drift_component`` exceeds
-      ``drift_threshold`` (warns when it turns on, if ``"data_shift"`` is in ``alert_on``).
+    - ``<name>/incoming/data_shift_alert`` — 1 when ``shift_ks`` of ``Alerts.component`` exceeds
+      ``Alerts.threshold`` (warns when it turns on, if ``"data_shift"`` is in ``Alerts.warn_on``).
     - ``<name>/heldout/<c>/drift_ks``, ``drift_w1`` — **model change** against the anchor: the first
       held-out evaluation, re-anchored once when trust is first reached. ``change_ks``, ``change_w1`` — against the
       previous held-out evaluation. ``<name>/heldout/model_change_alert`` — ``change_ks`` above
-      the threshold (warns only if ``"model_change"`` is in ``alert_on``).
+      the threshold (warns only if ``"model_change"`` is in ``Alerts.warn_on``).
     - ``<name>/trust/score`` — can the scores be read as a density under ``reading`` (NaN: unknown,
       e.g. fewer embedded rows than 4·K); ``<name>/trust/<diagnostic>`` — the Gaussianity report of
-      :mod:`jepa_monitor.diagnostics` on up to ``trust_samples`` embedded held-out rows
+      :mod:`jepa_monitor.diagnostics` on up to ``Cadence.trust_rows`` embedded held-out rows
       (``n_samples``, ``dim``, ``epps_pulley``, ``mean_offset``, ``eig_max``, ``eig_min``,
       ``condition_number``, ``effective_rank``, ``norm_mean``, ``norm_cv_ratio``,
       ``shape_epps_pulley``, ``shape_norm_cv_ratio``);
@@ -95,11 +97,13 @@ class JEPAScoreMonitor(Callback):
       time since fit start (scoring, trust, logging, export, curation); ``share`` — the measurement
       part of it (curation excluded) over the wall time after the fit-start evaluation;
       ``curation_share`` — curation's seconds over the same wall time; ``fit_start_seconds`` — that
-      first evaluation. These seconds are reported, never used to decide. ``budget``,
-      ``curation_budget`` — the configured shares of training's passes; ``heldout_gap`` — batches
-      between held-out evaluations chosen by the budget; ``heldout_rows``, ``incoming_rows`` — rows
-      the budget lets the next evaluations score (the configured maxima unless that would space
-      evaluations more than 1000 batches apart); ``<name>/monitor/failures_total``.
+      first evaluation. These seconds are reported, never used to decide.
+      ``measurement_pass_share``, ``curation_pass_share`` — the configured shares of training's
+      backward passes (``Cadence.pass_share``, the policy's ``pass_share``); ``heldout_gap`` —
+      batches between held-out evaluations chosen within that share; ``heldout_rows``,
+      ``incoming_rows`` — rows the share lets the next evaluations score (the configured maxima
+      unless that would space evaluations more than 1000 batches apart);
+      ``<name>/monitor/failures_total``.
     - With a ``policy``, every ``trainer.log_every_n_steps`` batches: ``<name>/policy/fraction_dropped``,
       ``mean_weight``, ``batch_weight``, ``active`` (current batch) and ``<name>/policy/<counter>_total`` for
       every counter of the policy (rows seen, dropped, not applied, scored by Jacobian, sketched,
@@ -112,10 +116,10 @@ class JEPAScoreMonitor(Callback):
     **SummaryWriter only** (global rank 0, any logger whose ``experiment`` has one, e.g. either
     namespace's ``TensorBoardLogger``; other loggers are warned about once): histograms
     ``<name>/hist/<split>/<c>`` and ``<name>/hist/policy/weight``; images ``<name>/images/<split>_lowest``
-    / ``_highest`` (``num_images`` held-out samples, (B, C, H, W) inputs with 1 or 3 channels); a
+    / ``_highest`` (``Outputs.num_images`` held-out samples, (B, C, H, W) inputs with 1 or 3 channels); a
     custom-scalars layout (category ``jepa-monitor <name>``).
 
-    **Export** (``export`` not False): one row per scored sample in ``<dir>/jepa_monitor/<name>.csv``
+    **Export** (``Outputs.export`` not False): one row per scored sample in ``<dir>/jepa_monitor/<name>.csv``
     (or ``.parquet``); ``<dir>`` is the log dir of the first logger with a SummaryWriter, else
     ``trainer.default_root_dir``. Rank 0 writes; columns in :mod:`jepa_monitor.export`.
 
@@ -124,87 +128,65 @@ class JEPAScoreMonitor(Callback):
             ``""`` for the module itself) or a callable ``module -> encoder``.
         heldout: a DataLoader (batches laid out as training batches), a tensor, or the path of a
             ``torch.save``-d tensor or dict batch. Read once, into CPU memory.
-        every_n_steps: held-out evaluation every this many training batches (None: spaced by ``budget``).
-        budget: the share of training's backward passes (one per training row) the monitor's
-            evaluations may cost (a Jacobian-scored row costs K, an embedded row one); None: no
-            budget (then ``every_n_steps`` is needed).
         input_key, id_key: where the input / the sample ids sit in a batch: a key or index, a path
             (``"views.0.image"``, ``("views", 0, "image")``, ``(0, 0)``) or a callable ``batch -> tensor``.
         encoder_kwargs_keys: side inputs of the encoder, e.g. ``{"attention_mask": "attention_mask"}``
             (keyword -> where it sits in a batch; a list of keys means the same names): sliced with
             the scored rows and passed as ``encoder(x, **side)``; ``attention_mask`` also masks mean pooling.
-        heldout_max_samples: held-out rows scored with the Jacobian (at most; with a ``budget``, fewer,
-            down to 64, when an evaluation of all of them would come less often than every 1000 batches).
-        trust_samples: held-out rows embedded (one forward pass) for the trust diagnostics;
-            ``"auto"``: 4·K (at most 4096), as far as the held-out set allows.
-        incoming_every_n_steps: ``"auto"`` (after each held-out evaluation), every this many batches,
-            or None (off).
-        incoming_max_rows: rows of the training batch scored (at most; the budget may take fewer, down to 8).
-        components: components logged. score_options: fields of :class:`jepa_monitor.Scorer`
-            (``input_module`` may be a dotted path on the LightningModule).
-        policy: a curation policy (:mod:`jepa_monitor.policies`, or any :class:`~jepa_monitor.policies.Policy`);
-            its ``curation_budget`` paces the Jacobian rows it scores (counted backward passes, a
-            share of a training batch's rows; the refresh of its reference is paid from it too),
-            and per-sample weights go under its ``weight_key``.
-        name: prefix of every key, export file and ``state_key``: two monitors need two names.
+        cadence: when and how much to score: a :class:`Cadence` (held-out evaluations every
+            ``every_n_batches`` or within ``pass_share`` of training's backward passes, rows per
+            evaluation, incoming rows, the seed that picks them).
+        scorer: how the encoder is read and differentiated: a :class:`~jepa_monitor.Scorer` template
+            without an encoder (``Scorer(output="proj", vectorize=0, input_module="embed_tokens")``;
+            ``input_module`` may be a dotted path on the LightningModule); the monitor binds
+            ``encoder`` at every measurement, and sets ``prior`` under the fitted reading.
         reading: ``"fitted"`` (default) or ``"isotropic"``: the Gaussian ``log_prior`` reads the
             embedding through (see "The reading" above).
-        drift_component, drift_threshold: the component and KS level of the alerts.
-        alert_on: which alerts warn: ``("data_shift",)`` by default; add ``"model_change"``.
-        num_images: images per grid (0: none). export: ``True``/``"csv"``, ``"parquet"`` or False.
+        policy: a curation policy (:mod:`jepa_monitor.policies`, or any :class:`~jepa_monitor.policies.Policy`);
+            its ``pass_share`` paces the Jacobian rows it scores (counted backward passes, a
+            share of a training batch's rows; the refresh of its reference is paid from it too),
+            and per-sample weights go under its ``weight_key``.
+        alerts: which alerts warn, on which component, at which KS level: an :class:`Alerts`.
+        outputs: components logged, images per grid, per-sample export: an :class:`Outputs`.
+        name: prefix of every key, export file and ``state_key``: two monitors need two names.
         max_failures: consecutive failures after which measurements (or curation) stop.
         rank_synchronous: pad every rank's scored rows to the same count so every rank runs the same
             forward and backward passes (needed when parameters are sharded, FSDP); ``"auto"``: on
             for sharded strategies only.
-        seed: seed of the private generator that picks incoming rows.
     """
 
     def __init__(
         self,
-        encoder: Union[str, Callable[[Any], Callable]] = "encoder",
-        heldout: Union[str, os.PathLike, torch.Tensor, Iterable, None] = None,
+        encoder: Union[str, Callable[[Any], Callable]],
+        heldout: Union[str, os.PathLike, torch.Tensor, Iterable],
         *,
-        every_n_steps: Optional[int] = None,
-        budget: Optional[float] = 0.05,
         input_key: Key = 0,
         id_key: Key = None,
         encoder_kwargs_keys: Union[Mapping[str, Key], Sequence[str], None] = None,
-        heldout_max_samples: int = 128,
-        trust_samples: Union[int, str] = "auto",
-        incoming_every_n_steps: Union[int, str, None] = "auto",
-        incoming_max_rows: int = 16,
-        components: Sequence[str] = COMPONENTS,
-        score_options: Optional[Dict[str, Any]] = None,
-        policy: Any = None,
-        name: str = "jepa",
+        cadence: Cadence = Cadence(),
+        scorer: Scorer = Scorer(),
         reading: str = "fitted",
-        drift_component: str = "log_density",
-        drift_threshold: float = 0.5,
-        alert_on: Sequence[str] = ("data_shift",),
-        num_images: int = 8,
-        export: Union[bool, str] = True,
+        policy: Optional[Policy] = None,
+        alerts: Alerts = Alerts(),
+        outputs: Outputs = Outputs(),
+        name: str = "jepa",
         max_failures: int = 3,
         rank_synchronous: Union[bool, str] = "auto",
-        seed: int = 0,
     ) -> None:
         super().__init__()
-        export = check_arguments(
-            heldout=heldout, encoder=encoder, policy=policy, every_n_steps=every_n_steps, heldout_max_samples=heldout_max_samples,
-            incoming_max_rows=incoming_max_rows, max_failures=max_failures, incoming_every_n_steps=incoming_every_n_steps,
-            trust_samples=trust_samples, components=components, drift_component=drift_component, alert_on=alert_on,
-            export=export)
-        self.keys = mon.MetricKeys(name)
-        self.encoder, self.heldout, self.name = encoder, heldout, name
-        self.every_n_steps, self.incoming_every_n_steps, self.budget = every_n_steps, incoming_every_n_steps, budget
-        self.schedule = Schedule(every_n_steps, incoming_every_n_steps, budget)
-        self.input_key, self.id_key = input_key, id_key
-        self.side_keys = dict(encoder_kwargs_keys) if isinstance(encoder_kwargs_keys, Mapping) else {k: k for k in (encoder_kwargs_keys or ())}
-        self.heldout_max_samples, self.trust_samples, self.incoming_max_rows = heldout_max_samples, trust_samples, incoming_max_rows
-        self.components, self.score_options, self.policy = tuple(components), dict(score_options or {}), policy
-        self.drift_component, self.drift_threshold, self.alert_on = drift_component, drift_threshold, tuple(alert_on)
-        self.num_images, self.export, self.seed = num_images, export, seed
+        check_arguments(heldout=heldout, encoder=encoder, policy=policy, scorer=scorer, cadence=cadence,
+                        alerts=alerts, outputs=outputs, max_failures=max_failures)
         if reading not in READINGS:
             raise ValueError(f"reading={reading!r} is not one of {READINGS}.")
+        if rank_synchronous not in (True, False, "auto"):
+            raise ValueError(f"rank_synchronous={rank_synchronous!r}: use True, False or 'auto'.")
+        self.keys = mon.MetricKeys(name)
+        self.encoder, self.heldout, self.name = encoder, heldout, name
+        self.input_key, self.id_key = input_key, id_key
+        self.side_keys = dict(encoder_kwargs_keys) if isinstance(encoder_kwargs_keys, Mapping) else {k: k for k in (encoder_kwargs_keys or ())}
+        self.cadence, self.scorer_template, self.policy = cadence, scorer, policy
+        self.alerts, self.outputs = alerts, outputs
+        self.schedule = Schedule(cadence)
         self.reading = reading
         self._prior: Optional[Whitening] = None  # the fitted Gaussian of the latest held-out evaluation
         self._embed_dim: Optional[int] = None  # K, known after the first held-out evaluation
@@ -212,25 +194,22 @@ class JEPAScoreMonitor(Callback):
         self._refresh = ReadingRefresh()  # the policy's reference, read again between evaluations
         self._sketch: Optional[int] = None  # output directions of the policy's sketched Jacobian rows
         self._last_counted = -1
-        if rank_synchronous not in (True, False, "auto"):
-            raise ValueError(f"rank_synchronous={rank_synchronous!r}: use True, False or 'auto'.")
         self.rank_synchronous = rank_synchronous
         self._sync_world: Optional[int] = None  # set at fit start: pad every rank's rows alike
-        self.report = Reporter(self.keys, self._tag, components=self.components, drift_component=drift_component,
-                               drift_threshold=drift_threshold, alert_on=alert_on, num_images=num_images, export=export)
+        self.report = Reporter(self.keys, self._tag, alerts=alerts, outputs=outputs)
         self.curation = None if policy is None else Curation(
             policy, self.keys, self._tag, input_key=input_key, id_key=id_key, side_keys=self.side_keys,
             max_failures=max_failures)
         self.failures = FailureCounter.for_scoring(self._tag, max_failures)
         # persisted (state_dict)
-        self.tracker = mon.ScoreTracker(self.keys, components=self.components, drift_component=drift_component,
-                                        threshold=drift_threshold)
+        self.tracker = mon.ScoreTracker(self.keys, components=outputs.components, alert_component=alerts.component,
+                                        threshold=alerts.threshold)
         self.clock = MonitorClock()
         self._batches = 0
         self._history: List[Dict[str, Any]] = []
         self._trust: Optional[float] = None
         self._scored_rows = {"heldout": 0, "incoming": 0}  # rows of the latest evaluation of each
-        self._generator = torch.Generator().manual_seed(seed)
+        self._generator = torch.Generator().manual_seed(cadence.seed)
         # per process
         self._data: Optional[HeldoutSet] = None
         self._checked_batch = False
@@ -251,7 +230,7 @@ class JEPAScoreMonitor(Callback):
 
     @property
     def history(self) -> List[Dict[str, Any]]:
-        """One entry per evaluation: batch, step, split, mean and KS/W1 of ``drift_component``."""
+        """One entry per evaluation: batch, step, split, mean and KS/W1 of ``Alerts.component`` (``shift_ks``/``shift_w1`` for incoming rows, ``drift_ks``/``drift_w1`` for held-out rows)."""
         return self._history
 
     @property
@@ -302,10 +281,10 @@ class JEPAScoreMonitor(Callback):
 
     # ------------------------------------------------------------------ configuration
     def scorer(self, pl_module: Any) -> Scorer:
-        """The :class:`~jepa_monitor.Scorer` of the module's current encoder and ``score_options``,
+        """The :class:`~jepa_monitor.Scorer` of the module's current encoder with the options of the ``scorer`` template,
         reading the embedding through the latest fitted Gaussian (``reading="fitted"``, once a held-out
         evaluation has fitted one); rank-synchronous under sharded training (``callbacks/_synchronous.py``)."""
-        scorer = build_scorer(pl_module, self.encoder, self.score_options)
+        scorer = build_scorer(pl_module, self.encoder, self.scorer_template)
         if self.reading == "fitted":
             scorer = scorer.replace(prior=self._prior)
         if self._sync_world is None or self._data is None:
@@ -319,8 +298,8 @@ class JEPAScoreMonitor(Callback):
             if self._data is None:
                 self._data = read_heldout(
                     self.heldout, scorer, pl_module.device, input_key=self.input_key, id_key=self.id_key,
-                    side_keys=self.side_keys, score_options=self.score_options,
-                    jacobian_rows=self.heldout_max_samples, trust_samples=self.trust_samples)
+                    side_keys=self.side_keys, template=self.scorer_template,
+                    jacobian_rows=self.cadence.heldout_rows, trust_rows=self.cadence.trust_rows)
         except MisconfigurationException:
             raise
         except Exception as err:
@@ -330,7 +309,7 @@ class JEPAScoreMonitor(Callback):
         """The first training batch, before its step: a wrong key is a configuration error."""
         try:
             check_batch(batch, input_key=self.input_key, id_key=self.id_key, side_keys=self.side_keys,
-                        score_options=self.score_options)
+                        template=self.scorer_template)
         except Exception as err:
             raise MisconfigurationException(f"{self._tag}: in the training batch: {_message(err)}") from err
         self._checked_batch = True
@@ -443,7 +422,7 @@ class JEPAScoreMonitor(Callback):
 
     def _score_heldout(self, trainer: Any, pl_module: Any, split: str, strict: bool) -> None:
         data = self._data
-        planned = self.schedule.rows[0] if self.schedule.rows and split == "heldout" else self.heldout_max_samples
+        planned = self.schedule.rows[0] if self.schedule.rows and split == "heldout" else self.cadence.heldout_rows
         n = min(planned, data.num_rows)  # validate()/test() score every configured row
         if split == "heldout":
             self._scored_rows["heldout"] = n
@@ -539,16 +518,16 @@ class JEPAScoreMonitor(Callback):
         cost = refresh_cost(self._data.num_rows, rows.numel(), self._embed_dim + (self._sketch or 0))
         self._curation_passes += cost
         self.curation.charge(cost)
-        self._calibrate(reference, self._trust, step=self.tracker.latest_batch)
+        self._calibrate(reference, self._trust, batch=self.tracker.latest_batch)
 
     @property
     def _row_passes(self) -> int:
         """Backward passes one curation Jacobian row costs: the sketch's directions, else K."""
         return self._sketch or self._embed_dim or 1
 
-    def _calibrate(self, scores: Dict[str, torch.Tensor], trust: Optional[float], step: Optional[int] = None) -> None:
+    def _calibrate(self, scores: Dict[str, torch.Tensor], trust: Optional[float], batch: Optional[int] = None) -> None:
         try:
-            self.policy.calibrate(scores, step=self._batches if step is None else step, trust=trust)
+            self.policy.calibrate(scores, batch=self._batches if batch is None else batch, trust=trust)
         except Exception as err:  # e.g. no finite held-out score after a divergence: keep the old threshold
             self.report.warn_once("calibrate", f"{self._tag}: policy calibration skipped ({type(err).__name__}: {err}).")
 
@@ -557,7 +536,7 @@ class JEPAScoreMonitor(Callback):
 
         def compute() -> torch.Tensor:
             x = get_input(batch, self.input_key)
-            limit = self.schedule.rows[1] if self.schedule.rows else self.incoming_max_rows
+            limit = self.schedule.rows[1] if self.schedule.rows else self.cadence.incoming_rows
             rows = pick_rows(x.shape[0], limit, self._generator)
             self._scored_rows["incoming"] = int(rows.numel())
             ids = get_ids(batch, self.id_key, x.shape[0])
@@ -581,30 +560,31 @@ class JEPAScoreMonitor(Callback):
                  images: Optional[torch.Tensor], sample_ids: Optional[List[str]]) -> None:
         metrics.update(self._time_metrics(m.seconds))
         self._history.append(mon.history_entry(self.keys, self._batches, trainer.global_step, split,
-                                               self.drift_component, metrics))
+                                               self.alerts.component, metrics))
         self.report.measurement(trainer, split, m, metrics, images=images, sample_ids=sample_ids)
 
     # ------------------------------------------------------------------ time
     def _plan(self, trainer: Any) -> None:
         """Rows and spacing of the next evaluations within the budget (``callbacks/_schedule.py``)."""
-        incoming_on = self.incoming_every_n_steps is not None
+        incoming_on = self.cadence.incoming_every_n_batches is not None
         k = self._embed_dim or 1
         heldout_rows = self._scored_rows["heldout"]
         embedded = self._data.num_rows - heldout_rows if self._data is not None else 0  # trust rows: one pass each
         measured = [(heldout_rows * k + embedded, heldout_rows),
                     (self._scored_rows["incoming"] * k if incoming_on else 0, self._scored_rows["incoming"])]
-        maxima = (min(self.heldout_max_samples, self._data.num_rows) if self._data is not None else self.heldout_max_samples,
-                  self.incoming_max_rows)
+        maxima = (min(self.cadence.heldout_rows, self._data.num_rows) if self._data is not None else self.cadence.heldout_rows,
+                  self.cadence.incoming_rows)
         early = self.policy is not None
         rows = self.schedule.replan(measured, maxima, self.tracker.latest_batch,
                                     lambda proposal: gather_objects(proposal, trainer.world_size), early)
         if rows is not None:
             with self.report.guard("schedule", self._batches):
-                self.report.plan(trainer, gap=self.schedule.gap, budget=self.budget, rows=rows)
+                self.report.plan(trainer, gap=self.schedule.gap, share=self.cadence.pass_share, rows=rows)
 
     def _time_metrics(self, seconds: float) -> Dict[str, float]:
-        return self.clock.metrics(self.keys, seconds, failures_total=self.failures.total, budget=self.budget,
-                                  curation_budget=None if self.policy is None else self.policy.curation_budget,
+        return self.clock.metrics(self.keys, seconds, failures_total=self.failures.total,
+                                  measurement_share=self.cadence.pass_share,
+                                  curation_share=None if self.policy is None else self.policy.pass_share,
                                   curating=self.curation is not None,
                                   gap=self.schedule.gap)
 

@@ -18,7 +18,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader
 
-from jepa_monitor.callbacks import JEPAScoreMonitor
+from jepa_monitor.callbacks import Cadence, JEPAScoreMonitor
 from jepa_monitor.export import read_scores
 
 
@@ -59,7 +59,7 @@ def main(argv=None):
     monitor = JEPAScoreMonitor(
         encoder="encoder",                 # dotted attribute path, or a callable module -> encoder
         heldout=DataLoader(dict_batches(heldout), batch_size=64),  # same batch layout as training
-        every_n_steps=10,                  # held-out evaluation cadence (default: spaced by a 5 % budget);
+        cadence=Cadence(every_n_batches=10), # held-out evaluation cadence (default: spaced by a 5 % budget);
                                            # the training batch's rows are scored right after each one
         input_key="image", id_key="id",    # where the input and the ids sit in a training batch
     )
@@ -73,7 +73,8 @@ def main(argv=None):
     # KS: held-out against the fit-start reference; incoming against the latest held-out scores
     print(f"{'batch':>6} {'split':>9} {'mean log_density':>17} {'KS':>6}")
     for h in monitor.history:
-        ks = "-" if h["drift_ks"] is None else f"{h['drift_ks']:.2f}"
+        value = h["shift_ks"] if h["split"] == "incoming" else h["drift_ks"]
+        ks = "-" if value is None else f"{value:.2f}"
         print(f"{h['batch']:>6} {h['split']:>9} {h['mean']:>17.2f} {ks:>6}")
     rows = read_scores(monitor.export_file)
     incoming = rows["split"] == "incoming"

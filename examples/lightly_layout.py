@@ -39,7 +39,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from jepa_monitor.callbacks import JEPAScoreMonitor
+from jepa_monitor.callbacks import Cadence, JEPAScoreMonitor
 from jepa_monitor.demo.data import make_splits, normalise
 from jepa_monitor.demo.model import lejepa_loss, sigreg_directions
 from jepa_monitor.export import read_scores
@@ -141,9 +141,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         heldout=DataLoader(heldout, batch_size=64, collate_fn=collate),  # same layout as training batches
         input_key="0.0",                    # batch[0][0]: the first view; (0, 0) is the same path
         id_key=2,                           # batch[2]: the filenames
-        every_n_steps=5,
-        incoming_every_n_steps=10,
-        heldout_max_samples=64,
+        cadence=Cadence(every_n_batches=5, incoming_every_n_batches=10, heldout_rows=64),
         policy=Drop(quantile=0.05, warmup=0),
     )
     logger = TensorBoardLogger(args.logdir, name=f"lightly_{args.collate}")

@@ -102,12 +102,12 @@ def mahalanobis_score(z: torch.Tensor, mean: torch.Tensor, precision: torch.Tens
 
 
 def knn_score(
-    z: torch.Tensor, reference: torch.Tensor, k: int = 5, *, memory_budget: int = DEFAULT_KNN_MEMORY
+    z: torch.Tensor, reference: torch.Tensor, k: int = 5, *, memory_bytes: int = DEFAULT_KNN_MEMORY
 ) -> torch.Tensor:
     """Minus the Euclidean distance from each row of z (N, K) to its k-th nearest reference row.
 
     Distances are computed in float64 (the matrix-product form of ``cdist`` loses small distances
-    in float32) in chunks of rows so that one chunk's distance matrix fits ``memory_budget``
+    in float32) in chunks of rows so that one chunk's distance matrix fits ``memory_bytes``
     bytes. Returns float32 (N,); higher = more typical; non-finite rows score NaN.
     """
     z = _check_embeddings(z, "z")
@@ -120,7 +120,7 @@ def knn_score(
     if not 1 <= k <= reference.shape[0]:
         raise ValueError(f"k={k} must be between 1 and the number of reference rows ({reference.shape[0]}).")
     ref = reference.to(device=z.device, dtype=torch.float64)
-    rows = max(1, memory_budget // (8 * ref.shape[0]))
+    rows = max(1, memory_bytes // (8 * ref.shape[0]))
     out = torch.empty(z.shape[0], dtype=torch.float64, device=z.device)
     for start in range(0, z.shape[0], rows):
         dist = torch.cdist(z[start : start + rows].to(torch.float64), ref)
@@ -194,11 +194,11 @@ class KNNScore(_Fitted):
     name = "knn"
     _state = ("reference",)
 
-    def __init__(self, k: int = 5, *, memory_budget: int = DEFAULT_KNN_MEMORY) -> None:
+    def __init__(self, k: int = 5, *, memory_bytes: int = DEFAULT_KNN_MEMORY) -> None:
         if k < 1:
             raise ValueError(f"k must be >= 1; got {k}.")
         self.k = k
-        self.memory_budget = memory_budget
+        self.memory_bytes = memory_bytes
         self.reference: Optional[torch.Tensor] = None
 
     def fit(self, reference: torch.Tensor) -> "KNNScore":
@@ -207,4 +207,4 @@ class KNNScore(_Fitted):
 
     def score(self, z: torch.Tensor) -> torch.Tensor:
         self._require_fit()
-        return knn_score(z, self.reference, self.k, memory_budget=self.memory_budget)
+        return knn_score(z, self.reference, self.k, memory_bytes=self.memory_bytes)

@@ -367,11 +367,11 @@ def cmd_report(args) -> int:
 def cmd_demo(args) -> int:
     from .demo.run import DemoConfig, DemoError, main as demo_main
 
-    if args.curation_budget.lower() != "none":
+    if args.pass_share.lower() != "none":
         try:
-            float(args.curation_budget)
+            float(args.pass_share)
         except ValueError:
-            raise CLIError(f"--curation-budget {args.curation_budget!r} is not a number or 'none'.") from None
+            raise CLIError(f"--pass-share {args.pass_share!r} is not a number or 'none'.") from None
     config = DemoConfig(
         logdir=args.logdir,
         steps=args.steps,
@@ -382,7 +382,7 @@ def cmd_demo(args) -> int:
         seed=args.seed,
         progress=not args.no_progress,
         threads=args.threads,
-        curation_budget=None if args.curation_budget.lower() == "none" else float(args.curation_budget),
+        pass_share=None if args.pass_share.lower() == "none" else float(args.pass_share),
     )
     try:
         demo_main(config)
@@ -418,10 +418,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-compare", action="store_true", help="skip the second (unfiltered) run for the probe comparison")
     demo.add_argument("--seed", type=int, default=d.seed, help="seed of data, junk and model (default 0)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
-    demo.add_argument("--curation-budget", default=str(d.curation_budget),
-                      help=f"the policy's curation_budget: backward passes its Jacobian rows may add to a training "
-                           f"batch, as a share of the batch's rows (default {d.curation_budget}); 'none' scores every "
-                           "row the policy's gate_budget allows")
+    demo.add_argument("--pass-share", default=str(d.pass_share),
+                      help=f"the policy's pass_share: backward passes its Jacobian rows may add to a training "
+                           f"batch, as a share of the batch's rows (default {d.pass_share}); 'none' scores every "
+                           "row the policy's max_jacobian_rows allows")
     demo.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; on a busy machine 1 avoids threads spinning against other jobs)")
     demo.set_defaults(func=cmd_demo)
 

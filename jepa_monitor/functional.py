@@ -18,7 +18,7 @@ def score_samples(encoder: Callable[..., Any], x: torch.Tensor, **options: Any) 
     """Score every sample of ``x`` with the encoder's own density estimate, all components at once.
 
     ``options`` are the fields of :class:`~jepa_monitor.scorer.Scorer` (``output``, ``pool``,
-    ``method``, ``paper``, ``rel_floor``, ``batch_size``, ``memory_budget``, ``input_module``,
+    ``method``, ``paper``, ``rel_floor``, ``batch_size``, ``memory_bytes``, ``input_module``,
     ``vectorize``, ``approx_options``, ``whitening``, ``mask_key``, ``progress``), documented
     there. ``encoder`` may also be a Scorer (the options then override its own). Side inputs of
     the encoder (e.g. ``attention_mask``) go through ``Scorer(encoder).score(x, attention_mask=m)``.

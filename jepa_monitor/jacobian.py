@@ -10,7 +10,7 @@ samples makes it exact). ``vectorize="auto"`` times the three once per (encoder,
 device) and keeps the fastest.
 
 Materialising the whole (B, K, D) Jacobian is what exhausts memory, so :func:`embedding_and_gram`
-never holds more Jacobian rows than ``memory_budget`` allows: the float64 Gram is accumulated from
+never holds more Jacobian rows than ``memory_bytes`` allows: the float64 Gram is accumulated from
 row blocks (converted to float64 a column chunk at a time), and when even one micro-batch's K rows
 do not fit (a ViT-B at 224 px has K·D·4 = 768·150528·4 bytes ≈ 0.46 GB of float32 rows per
 sample), the K ≤ D Gram G = J Jᵀ is built block by block with the rows recomputed from the
@@ -303,13 +303,13 @@ def _parse_vectorize(vectorize: Vectorize) -> Tuple[str, int]:
     return ("batched", width) if width >= 2 else LOOP
 
 
-def auto_width(device: torch.device, k_dim: int, b: int, d_dim: int, memory_budget: Optional[int]) -> int:
+def auto_width(device: torch.device, k_dim: int, b: int, d_dim: int, memory_bytes: Optional[int]) -> int:
     """Rows per batched (or replicated) pass that ``vectorize="auto"`` weighs against the loop: 16
     on CPU, 64 on an accelerator, at most K, and (with a budget) at most what keeps the gradient
     block (width × b × D float32) within half the budget. Below 2 there is nothing to batch."""
     width = min(k_dim, AUTO_WIDTH_CPU if device.type == "cpu" else AUTO_WIDTH_ACCELERATOR)
-    if memory_budget is not None:
-        width = min(width, memory_budget // max(1, 2 * b * d_dim * 4))
+    if memory_bytes is not None:
+        width = min(width, memory_bytes // max(1, 2 * b * d_dim * 4))
     return width if width >= 2 else 0
 
 
@@ -421,14 +421,14 @@ class _Rows:
         return width
 
 
-def _rows_for(encoder, z, leaf, vectorize: Vectorize, memory_budget: Optional[int], cache_key: Any = None,
+def _rows_for(encoder, z, leaf, vectorize: Vectorize, memory_bytes: Optional[int], cache_key: Any = None,
               replicated: Optional[Replicated] = None) -> _Rows:
     kind, width = _parse_vectorize(vectorize)
     encoder = encoder if cache_key is None else cache_key
     b, k_dim = z.shape
     d_dim = leaf[0].numel() if b else 0
     if kind == "replicated" or kind == AUTO:
-        width = auto_width(z.device, k_dim, b, d_dim, memory_budget)
+        width = auto_width(z.device, k_dim, b, d_dim, memory_bytes)
     if kind != AUTO:
         return _Rows(z, leaf, (kind, width), replicated)
     key = (_size_class(b), tuple(leaf.shape[1:]), k_dim, str(z.device), z.dtype)
@@ -490,15 +490,15 @@ def full_jacobian_bytes(b: int, k_dim: int, d_dim: int) -> int:
     """Bytes :func:`embedding_and_gram` holds for ``b`` samples when nothing is recomputed: the
     float32 rows (K·D·4, or one block when K > D), one float64 column chunk of them and the (n, n)
     float64 Gram, n = min(K, D). Activations kept for the backward passes are not counted. A
-    ``memory_budget`` at least this large means one pass of K VJPs."""
+    ``memory_bytes`` at least this large means one pass of K VJPs."""
     n = min(k_dim, d_dim)
     if k_dim > d_dim:
         return b * ((4 + 8 // COLUMN_CHUNKS) * k_dim * d_dim + 8 * d_dim + 8 * n * n)
     return b * (k_dim * (4 * d_dim + 8 * math.ceil(d_dim / COLUMN_CHUNKS)) + 8 * n * n)
 
 
-def plan_rows(b: int, k_dim: int, d_dim: int, memory_budget: Optional[int], width: int = 0) -> RowPlan:
-    """Row blocks that keep the Jacobian buffers of ``b`` samples within ``memory_budget`` bytes.
+def plan_rows(b: int, k_dim: int, d_dim: int, memory_bytes: Optional[int], width: int = 0) -> RowPlan:
+    """Row blocks that keep the Jacobian buffers of ``b`` samples within ``memory_bytes`` bytes.
 
     K <= D (G = J Jᵀ, K × K): when the K rows fit (:func:`full_jacobian_bytes`), they are held
     once and G is formed from them. Otherwise rows are held in groups of ``held``; for each group,
@@ -519,22 +519,22 @@ def plan_rows(b: int, k_dim: int, d_dim: int, memory_budget: Optional[int], widt
     gram_bytes = b * n * n * 8
     if k_dim > d_dim:
         per_row = b * (4 + 8 // COLUMN_CHUNKS) * d_dim
-        fit = k_dim if memory_budget is None else (memory_budget - gram_bytes) // max(1, per_row)
+        fit = k_dim if memory_bytes is None else (memory_bytes - gram_bytes) // max(1, per_row)
         stream = int(max(1, min(k_dim, fit)))
         piece = math.ceil(stream / COLUMN_CHUNKS)
         planned = b * (4 * stream * d_dim + 8 * piece * d_dim) + gram_bytes
         return RowPlan(0, stream, 1, piece, k_dim, planned)
     chunk = math.ceil(d_dim / COLUMN_CHUNKS)
     per_row = b * (4 * d_dim + 8 * chunk)
-    if memory_budget is None or full_jacobian_bytes(b, k_dim, d_dim) <= memory_budget:
+    if memory_bytes is None or full_jacobian_bytes(b, k_dim, d_dim) <= memory_bytes:
         return RowPlan(k_dim, 0, 1, chunk, k_dim, k_dim * per_row + gram_bytes)
-    fit = max(0, (memory_budget - gram_bytes) // max(1, per_row))
+    fit = max(0, (memory_bytes - gram_bytes) // max(1, per_row))
     # A short stream leaves the most room to the held group, and the group count sets the cost:
     # ViT-B/16 at 224 px in 256 MiB needs 3 groups (1.9 K row-VJPs) with 16 streamed rows, 4
     # groups (2.2 K) with 64.
     stream = int(max(1, min(width if width >= 2 else 8, _MAX_STREAM, fit // 4, k_dim - 1)))
     held = int(max(1, min(fit - stream, k_dim - 1)))
-    while held > 1 and (held + stream) * per_row + gram_bytes + b * held * stream * 8 > memory_budget:
+    while held > 1 and (held + stream) * per_row + gram_bytes + b * held * stream * 8 > memory_bytes:
         held -= 1  # the float64 cross block (held × stream) is part of the budget too
     groups = math.ceil(k_dim / held)
     vjp_rows = sum(min(held, k_dim - g0) + (k_dim - min(g0 + held, k_dim)) for g0 in range(0, k_dim, held))
@@ -595,7 +595,7 @@ def embedding_and_gram(
     pool: Pooling = "mean",
     input_module: Optional[nn.Module] = None,
     vectorize: Vectorize = None,
-    memory_budget: Optional[int] = None,
+    memory_bytes: Optional[int] = None,
     encoder_kwargs: Optional[Dict[str, Any]] = None,
     cache_key: Any = None,
 ):
@@ -616,7 +616,7 @@ def embedding_and_gram(
             input shape, device) and keeps the fastest for every later call (see
             :func:`cached_vectorize_decisions`). The rows are the same numbers whichever is used
             (up to float32 rounding: kernels may sum in another order at another batch size).
-        memory_budget: bytes for the Jacobian rows, their float64 pieces and the Gram (not the
+        memory_bytes: bytes for the Jacobian rows, their float64 pieces and the Gram (not the
             activations). When b·K·D float32 rows do not fit, rows are held in groups and
             recomputed (:func:`plan_rows`: K·(p+1)/2 row-VJPs for p groups). None: no bound.
         encoder_kwargs: extra keyword tensors for the encoder, already sliced to this micro-batch
@@ -633,8 +633,8 @@ def embedding_and_gram(
     d_dim = math.prod(leaf.shape[1:])
     replicated = _replicator(encoder, x, output=output, pool=pool, input_module=input_module,
                              encoder_kwargs=encoder_kwargs)
-    rows = _rows_for(encoder, z, leaf, vectorize, memory_budget, cache_key, replicated)
-    plan = plan_rows(b, k_dim, d_dim, memory_budget, width=rows.width)
+    rows = _rows_for(encoder, z, leaf, vectorize, memory_bytes, cache_key, replicated)
+    plan = plan_rows(b, k_dim, d_dim, memory_bytes, width=rows.width)
     g = _gram_from_rows(rows, plan, b, k_dim, d_dim)
     return z.detach(), g, d_dim
 

@@ -211,16 +211,17 @@ def alert(ks: Optional[float], threshold: float) -> Optional[bool]:
 
 def history_entry(keys: MetricKeys, batch: int, step: int, split: str, component: str,
                   metrics: Mapping[str, float]) -> Dict[str, Any]:
-    """One row of the monitor's history: mean, and the KS/W1 that matter for the split (incoming:
-    data shift against same-batch held-out scores; held-out: model change against the anchor)."""
+    """One row of the monitor's history: mean, and the KS/W1 that matter for the split: ``shift_ks``,
+    ``shift_w1`` for incoming rows (data shift against same-batch held-out scores), ``drift_ks``,
+    ``drift_w1`` for held-out rows (model change against the anchor)."""
     key = "shift" if split == "incoming" else "drift"
     return {
         "batch": batch,
         "step": step,
         "split": split,
         "mean": metrics.get(keys.stat(split, component, "mean")),
-        "drift_ks": metrics.get(keys.stat(split, component, f"{key}_ks")),
-        "drift_w1": metrics.get(keys.stat(split, component, f"{key}_w1")),
+        f"{key}_ks": metrics.get(keys.stat(split, component, f"{key}_ks")),
+        f"{key}_w1": metrics.get(keys.stat(split, component, f"{key}_w1")),
     }
 
 
@@ -236,7 +237,7 @@ def custom_scalars_layout(keys: MetricKeys, components: Iterable[str], with_poli
     charts["model change: held-out vs previous (KS)"] = ["Multiline", [keys.pattern("heldout", ".*", "change_ks")]]
     charts["alerts"] = ["Multiline", [keys.pattern(".*", ".*_alert")]]
     charts["floored singular values"] = ["Multiline", [keys.pattern(".*", "floored_fraction")]]
-    charts["monitor time"] = ["Multiline", [keys.pattern("time", "(share|budget)")]]
+    charts["monitor time"] = ["Multiline", [keys.pattern("time", ".*share")]]
     charts["trust"] = ["Multiline", [keys.pattern("trust", "score")]]
     if with_policy:
         charts["curation"] = ["Multiline", [keys.pattern("policy", "(fraction_dropped|mean_weight|batch_weight)")]]
@@ -252,11 +253,11 @@ class ScoreTracker:
     say which alerts just turned on.
     """
 
-    def __init__(self, keys: MetricKeys, *, components: Sequence[str], drift_component: str, threshold: float) -> None:
-        self.keys, self.drift_component, self.threshold = keys, drift_component, threshold
+    def __init__(self, keys: MetricKeys, *, components: Sequence[str], alert_component: str, threshold: float) -> None:
+        self.keys, self.alert_component, self.threshold = keys, alert_component, threshold
         self.components = tuple(components)
         # distances of the logged components and of the one the alerts read
-        self.distance_components = tuple(dict.fromkeys((*components, drift_component)))
+        self.distance_components = tuple(dict.fromkeys((*components, alert_component)))
         self.anchor: Optional[Dict[str, torch.Tensor]] = None
         self.anchor_trusted = False
         self.latest: Optional[Dict[str, torch.Tensor]] = None
@@ -282,7 +283,7 @@ class ScoreTracker:
                 self.anchor, self.anchor_trusted = dict(m.scores), is_trusted(trust)
             if self.latest is not None:
                 metrics.update(distance_metrics(k, split, m.scores, self.latest, "change", self.distance_components))
-                extra, turned_on = self._alert("model_change", metrics[k.stat(split, self.drift_component, "change_ks")])
+                extra, turned_on = self._alert("model_change", metrics[k.stat(split, self.alert_component, "change_ks")])
                 metrics.update(extra)
             self.latest, self.latest_batch = dict(m.scores), batch
         if self.anchor is not None:
@@ -297,7 +298,7 @@ class ScoreTracker:
         if self.latest is None or self.latest_batch != batch:
             return metrics, []
         metrics.update(distance_metrics(k, "incoming", m.scores, self.latest, "shift", self.distance_components))
-        extra, turned_on = self._alert("data_shift", metrics[k.stat("incoming", self.drift_component, "shift_ks")])
+        extra, turned_on = self._alert("data_shift", metrics[k.stat("incoming", self.alert_component, "shift_ks")])
         metrics.update(extra)
         return metrics, turned_on
 

@@ -25,10 +25,10 @@ the other, *undecided* rows need the Jacobian. That is exact as long as the inco
 term lies in ``[lo, hi]``; ``rows_outside_gate`` counts scored rows whose term did not. A reference
 of fewer than :data:`GATE_MIN_REFERENCE` rows gives no range, and then every row is scored.
 
-**Caps.** At most ``gate_budget`` undecided rows per batch get the Jacobian, and inside the monitor
-at most ``max_scored`` (what ``curation_budget`` pays for, ``callbacks/_pacing.py``); the undecided
+**Caps.** At most ``max_jacobian_rows`` undecided rows per batch get the Jacobian, and inside the monitor
+at most ``max_scored`` (what ``pass_share`` pays for, ``callbacks/_pacing.py``); the undecided
 rows nearest the threshold by their estimate are chosen, the others are decided from the estimate
-(``rows_estimated``). ``gate_budget=None`` and ``curation_budget=None`` make every decision exact.
+(``rows_estimated``). ``max_jacobian_rows=None`` and ``pass_share=None`` make every decision exact.
 For K above :data:`SKETCH_FROM_K`, ``sketch="auto"`` scores Jacobian rows of a sketch of the output
 whose level is fitted on the reference (:func:`fit_level`). ``score_key`` may also name a score of
 the embedding alone (``"log_prior"``, ``"mahalanobis"``, ``"knn"``: no Jacobian at all);
@@ -55,7 +55,7 @@ import torch
 from .baselines import knn_score
 from .diagnostics import is_trusted
 from .reading import cross_fit, fit_reading
-from .scorer import side_rows
+from .scorer import RowScorer, side_rows
 from .sample_scores import COMPONENTS
 from .statistics import quantiles
 
@@ -86,7 +86,7 @@ class Decision:
         active: whether the policy acted (reference known, warm-up over, on cadence).
         n_scored: rows that needed the expensive (Jacobian) score.
         n_nonfinite: rows with a NaN/Inf score.
-        n_estimated: undecided rows left without the Jacobian by ``gate_budget`` (approximate).
+        n_estimated: undecided rows left without the Jacobian by ``max_jacobian_rows`` (approximate).
         n_gated: rows decided exactly from the embedding alone by the cheap gate.
         n_capped: rows kept only because of ``min_keep`` / ``max_drop_fraction``.
     """
@@ -207,7 +207,7 @@ class Policy(Protocol):
 
     - ``mode``: "drop" (rows with ``keep`` False are removed from the batch) or "reweight"
       (``weight`` is written into the batch under ``weight_key``).
-    - ``curation_budget``: the share of a training batch's backward passes the monitor lets this
+    - ``pass_share``: the share of a training batch's backward passes the monitor lets this
       policy's Jacobian rows cost (passed to ``decide_batch`` as ``max_scored``), or None.
     - ``score_key``: the score the policy reads: a component ("log_density", "jepa_score",
       "log_prior") or an embedding score of :data:`EMBEDDING_SCORES` ("mahalanobis", "knn"; the
@@ -215,15 +215,15 @@ class Policy(Protocol):
     - ``counts``: cumulative counters (str -> number), all logged as ``<name>/policy/<key>_total``.
       The monitor adds ``rows_not_applied`` (rows a policy dropped that the batch type could not
       lose) and moves them out of ``rows_dropped``.
-    - ``calibrate(reference, *, step, trust)``: new held-out scores (a mapping of components) at
-      training batch ``step`` with the trust indicator of that evaluation.
-    - ``needs_refresh(step)``: True when the calibration is too old to act on; the monitor then
+    - ``calibrate(reference, *, batch, trust)``: new held-out scores (a mapping of components) at
+      training batch ``batch`` with the trust indicator of that evaluation.
+    - ``needs_refresh(batch)``: True when the calibration is too old to act on; the monitor then
       re-scores the held-out set before the batch is decided.
-    - ``decide_batch(scorer, x, step, trust, side=...)`` -> :class:`Decision`. ``scorer`` has
-      ``score(x, **side) -> SampleScores``, ``embed(x, **side) -> (B, K)``, ``log_prior(z) -> (B,)``
-      (the prior term as the scores read it) and ``sketched(m)`` (the same scorer with a sketched
-      Jacobian). ``max_scored``: at most that many rows scored with the Jacobian in this batch
-      (the monitor's pacing of ``curation_budget``; None: no cap).
+    - ``decide_batch(scorer, x, batch, trust, side=...)`` -> :class:`Decision`. ``scorer`` is a
+      :class:`~jepa_monitor.scorer.RowScorer`: ``score(x, **side) -> SampleScores``,
+      ``embed(x, **side) -> (B, K)``, ``log_prior(z) -> (B,)`` (the prior term as the scores read
+      it), ``sketched(m)`` (the same scorer with a sketched Jacobian) and ``synchronized``. ``max_scored``: at most that many rows scored with the Jacobian in this batch
+      (the monitor's pacing of ``pass_share``; None: no cap).
     - ``record_not_applied(rows)``: ``rows`` the policy dropped stayed in the batch (it could not
       be edited); the counters should say training saw them.
     - ``sketch_rows(k)``: directions of the sketched Jacobian the policy scores rows with for a
@@ -235,16 +235,16 @@ class Policy(Protocol):
     mode: str
     weight_key: str
     score_key: str
-    curation_budget: Optional[float]
+    pass_share: Optional[float]
     counts: Dict[str, float]
 
-    def calibrate(self, reference: Reference, *, step: int = 0, trust: Optional[float] = None) -> None: ...
+    def calibrate(self, reference: Reference, *, batch: int = 0, trust: Optional[float] = None) -> None: ...
 
-    def needs_refresh(self, step: int) -> bool: ...
+    def needs_refresh(self, batch: int) -> bool: ...
 
     def sketch_rows(self, k: int) -> Optional[int]: ...
 
-    def decide_batch(self, scorer: Any, x: torch.Tensor, step: int, trust: Optional[float] = None, *,
+    def decide_batch(self, scorer: RowScorer, x: torch.Tensor, batch: int, trust: Optional[float] = None, *,
                      side: Optional[Mapping[str, Any]] = None, max_scored: Optional[int] = None) -> Decision: ...
 
     def record_not_applied(self, rows: int) -> None: ...
@@ -255,7 +255,7 @@ class Policy(Protocol):
 
 
 #: The members of :class:`Policy`, for the error that names what a user's policy lacks.
-POLICY_MEMBERS = ("mode", "weight_key", "score_key", "curation_budget", "counts", "calibrate", "needs_refresh",
+POLICY_MEMBERS = ("mode", "weight_key", "score_key", "pass_share", "counts", "calibrate", "needs_refresh",
                   "sketch_rows", "decide_batch", "record_not_applied", "state_dict", "load_state_dict")
 
 COUNT_KEYS = (
@@ -280,27 +280,27 @@ class ThresholdPolicy:
         score_key: "log_density" (default), "jepa_score", or a score of the embedding alone (no
             Jacobian at all, for runs that cannot afford one): "log_prior" (the prior term as the
             scorer reads it), "mahalanobis" or "knn" (fitted on the reference embeddings).
-        every_n_steps: act on every n-th batch only (the others pass untouched).
+        every_n_batches: act on every n-th batch only (the others pass untouched).
         max_threshold_age: a calibration older than this many training batches is refreshed (the
             monitor re-scores the held-out set) before it is used; None: never.
         batch_anomaly, anomalous_batch_weight: the noisy-batch rule of the module docstring.
-        gate, gate_margin, gate_budget: the two-stage gate of the module docstring (``gate=False``:
-            exact score for every row; ``gate_budget``: at most this many Jacobian rows per batch).
+        gate, gate_margin, max_jacobian_rows: the two-stage gate of the module docstring (``gate=False``:
+            exact score for every row; ``max_jacobian_rows``: at most this many Jacobian rows per batch).
         sketch: Jacobian rows of a sketch ``P∘f`` with this many output directions instead of K
             (see :class:`jepa_monitor.Scorer`), the level mapped onto the exact score by a line fitted
             on the reference rows (given as ``sketch_score`` to :meth:`calibrate`); ``"auto"``
             (default): exact up to K = 64, max(16, K // 8) directions above; None: always exact.
-        curation_budget: inside the monitor, the backward passes this policy's Jacobian rows may
+        pass_share: inside the monitor, the backward passes this policy's Jacobian rows may
             add, as a share of a training batch's rows (0.2 on a 128-row batch: 25.6 passes, 1.6
             exact rows at K = 16), saved up and spent on whole batches of rows
             (``callbacks/_pacing.py``); the rest of the undecided rows are decided from the gate's
             estimate (``rows_estimated``). Counted, never timed: the same seed curates the same
-            rows on any machine. None: no pacing (``gate_budget`` alone caps the rows).
+            rows on any machine. None: no pacing (``max_jacobian_rows`` alone caps the rows).
         weight_key: the batch key weights are written under (dict batches).
 
     State (``state_dict``): ``threshold``, ``reference_median`` and ``reference_low`` (the reference's
     median and ``quantile``-quantile), ``anomaly_cutoff``, ``jacobian_range`` and ``jacobian_center``
-    (the gate), ``calibrated_step``, and ``counts``: ``batches``, ``active_batches``,
+    (the gate), ``calibrated_batch``, and ``counts``: ``batches``, ``active_batches``,
     ``anomalous_batches``, ``rows_seen``, ``rows_dropped`` (removed from training), ``rows_not_applied``
     (dropped by the decision, kept by an uneditable batch), ``rows_scored`` (Jacobian computed),
     ``rows_gated`` (decided exactly from the embedding), ``rows_estimated`` (decided from the
@@ -318,15 +318,15 @@ class ThresholdPolicy:
         threshold: Optional[float] = None,
         warmup: Union[int, str] = "trust",
         score_key: str = "log_density",
-        every_n_steps: int = 1,
+        every_n_batches: int = 1,
         max_threshold_age: Optional[int] = 2000,
         batch_anomaly: Optional[float] = None,
         anomalous_batch_weight: float = 0.0,
         gate: bool = True,
         gate_margin: float = 0.1,
-        gate_budget: Optional[int] = 16,
+        max_jacobian_rows: Optional[int] = 16,
         sketch: Union[int, str, None] = "auto",
-        curation_budget: Optional[float] = 0.2,
+        pass_share: Optional[float] = 0.2,
         weight_key: str = "sample_weight",
     ) -> None:
         if not 0.0 < quantile < 1.0:
@@ -335,8 +335,8 @@ class ThresholdPolicy:
             raise ValueError(f"score_key={score_key!r} is not one of {SCORE_KEYS}.")
         if warmup != "trust" and not (isinstance(warmup, int) and warmup >= 0):
             raise ValueError(f"warmup={warmup!r} must be a number of training batches (>= 0) or 'trust'.")
-        if not (isinstance(every_n_steps, int) and every_n_steps >= 1):
-            raise ValueError(f"every_n_steps={every_n_steps!r} must be a positive integer.")
+        if not (isinstance(every_n_batches, int) and every_n_batches >= 1):
+            raise ValueError(f"every_n_batches={every_n_batches!r} must be a positive integer.")
         if max_threshold_age is not None and not (isinstance(max_threshold_age, int) and max_threshold_age >= 1):
             raise ValueError(f"max_threshold_age={max_threshold_age!r} must be a positive number of batches or None.")
         if batch_anomaly is not None and not 0.0 < batch_anomaly < 0.5:
@@ -345,10 +345,10 @@ class ThresholdPolicy:
             raise ValueError(f"anomalous_batch_weight={anomalous_batch_weight!r} must be in [0, 1].")
         if gate_margin < 0:
             raise ValueError(f"gate_margin={gate_margin!r} must be >= 0.")
-        if gate_budget is not None and not (isinstance(gate_budget, int) and gate_budget >= 0):
-            raise ValueError(f"gate_budget={gate_budget!r} must be a number of rows (>= 0) or None (no cap).")
-        if curation_budget is not None and not (isinstance(curation_budget, (int, float)) and curation_budget > 0):
-            raise ValueError(f"curation_budget={curation_budget!r} must be a positive share of a training batch's "
+        if max_jacobian_rows is not None and not (isinstance(max_jacobian_rows, int) and max_jacobian_rows >= 0):
+            raise ValueError(f"max_jacobian_rows={max_jacobian_rows!r} must be a number of rows (>= 0) or None (no cap).")
+        if pass_share is not None and not (isinstance(pass_share, (int, float)) and pass_share > 0):
+            raise ValueError(f"pass_share={pass_share!r} must be a positive share of a training batch's "
                              "backward passes, or None (no pacing).")
         if not (sketch in (None, "auto") or (isinstance(sketch, int) and sketch >= 1)):
             raise ValueError(f"sketch={sketch!r} must be 'auto', a number of output directions (>= 1) or None (exact).")
@@ -356,15 +356,15 @@ class ThresholdPolicy:
         self.absolute_threshold = None if threshold is None else float(threshold)
         self.warmup = warmup
         self.score_key = score_key
-        self.every_n_steps = every_n_steps
+        self.every_n_batches = every_n_batches
         self.max_threshold_age = max_threshold_age
         self.batch_anomaly = batch_anomaly
         self.anomalous_batch_weight = float(anomalous_batch_weight)
         self.gate = gate
         self.gate_margin = float(gate_margin)
-        self.gate_budget = gate_budget
+        self.max_jacobian_rows = max_jacobian_rows
         self.sketch = sketch
-        self.curation_budget = None if curation_budget is None else float(curation_budget)
+        self.pass_share = None if pass_share is None else float(pass_share)
         self.weight_key = weight_key
         self.sketch_level: Optional[Tuple[float, float]] = None  # exact ≈ a·sketched + b on the reference
         self.sketch_dim: Optional[int] = None  # directions of the sketch that level was fitted for
@@ -377,15 +377,15 @@ class ThresholdPolicy:
         self.anomaly_cutoff: Optional[float] = None
         self.jacobian_range: Optional[tuple] = None
         self.jacobian_center: Optional[float] = None
-        self.calibrated_step: Optional[int] = None
+        self.calibrated_batch: Optional[int] = None
         self.counts: Dict[str, float] = dict.fromkeys(COUNT_KEYS, 0)
 
     # ------------------------------------------------------------------ calibration
     def _trusted(self, trust: Optional[float]) -> bool:
         return self.warmup != "trust" or is_trusted(trust)
 
-    def calibrate(self, reference: Reference, *, step: int = 0, trust: Optional[float] = None) -> None:
-        """Set the threshold (and the gate) from held-out scores taken at training batch ``step``.
+    def calibrate(self, reference: Reference, *, batch: int = 0, trust: Optional[float] = None) -> None:
+        """Set the threshold (and the gate) from held-out scores taken at training batch ``batch``.
 
         ``reference``: the held-out scores of ``score_key`` (a tensor), or a mapping of components
         (``jepa_score``, ``log_prior``, ``log_density``) as the monitor gathers them; only the mapping
@@ -448,7 +448,7 @@ class ThresholdPolicy:
                 # the prior's own quantile onto the threshold instead dropped 2-4x the quantile of clean
                 # rows in the demo: the reading is a little stale between refreshes.)
                 self.jacobian_center = float(j.median())
-        self.calibrated_step = int(step)
+        self.calibrated_batch = int(batch)
         self._calibrated()
 
     def _calibrated(self) -> None:
@@ -462,26 +462,26 @@ class ThresholdPolicy:
             return None
         return sketch_rows(k, self.sketch)
 
-    def needs_refresh(self, step: int) -> bool:
+    def needs_refresh(self, batch: int) -> bool:
         """The calibration is older than ``max_threshold_age`` batches (an absolute threshold without
         a reference never is)."""
-        if self.max_threshold_age is None or self.calibrated_step is None:
+        if self.max_threshold_age is None or self.calibrated_batch is None:
             return False
-        return step - self.calibrated_step > self.max_threshold_age
+        return batch - self.calibrated_batch > self.max_threshold_age
 
     # ------------------------------------------------------------------ per batch
-    def is_active(self, step: int, trust: Optional[float] = None) -> bool:
-        """Threshold known and fresh, warm-up over (or trust passed), and ``step`` on the cadence."""
-        if self.threshold is None or not self._ready() or self.needs_refresh(step):
+    def is_active(self, batch: int, trust: Optional[float] = None) -> bool:
+        """Threshold known and fresh, warm-up over (or trust passed), and ``batch`` on the cadence."""
+        if self.threshold is None or not self._ready() or self.needs_refresh(batch):
             return False
         if self.warmup == "trust":
-            if self.calibrated_step is None and self.absolute_threshold is None:
+            if self.calibrated_batch is None and self.absolute_threshold is None:
                 return False
             if not self._trusted(trust):
                 return False
-        elif step < self.warmup:
+        elif batch < self.warmup:
             return False
-        return step % self.every_n_steps == 0
+        return batch % self.every_n_batches == 0
 
     def _ready(self) -> bool:
         return True
@@ -496,9 +496,9 @@ class ThresholdPolicy:
 
     def decide_batch(
         self,
-        scorer: Any,
+        scorer: RowScorer,
         x: torch.Tensor,
-        step: int,
+        batch: int,
         trust: Optional[float] = None,
         *,
         side: Optional[Mapping[str, Any]] = None,
@@ -506,26 +506,27 @@ class ThresholdPolicy:
     ) -> Decision:
         """Decide for every row of ``x`` (B, ...).
 
-        ``scorer``: a :class:`~jepa_monitor.scorer.Scorer` (or any object with ``score(rows, **side)
-        -> SampleScores`` and, for the cheap stage, ``embed(rows, **side) -> (b, K)``; a plain
-        callable ``rows -> scores`` is scored exactly, row by row as needed). ``step`` is the
+        ``scorer``: a :class:`~jepa_monitor.scorer.RowScorer` (a :class:`~jepa_monitor.Scorer`), or
+        a plain callable ``rows -> SampleScores``, which has no cheap stage: its rows are scored
+        exactly, as many as the caps allow. ``batch`` is the
         caller's batch counter (warm-up, cadence), ``trust`` the latest trust indicator, ``side``
         the encoder's side inputs for these rows (sliced with them). ``max_scored``: a cap on this
-        batch's Jacobian rows below ``gate_budget`` (the monitor's ``curation_budget`` pacing); it
+        batch's Jacobian rows below ``max_jacobian_rows`` (the monitor's ``pass_share`` pacing); it
         applies where the gate has an estimate for the other rows (not with ``gate=False``).
         """
         n = x.shape[0]
         device = x.device
         self.counts["batches"] += 1
         scores = torch.full((n,), float("nan"), dtype=torch.float32, device=device)
-        if not self.is_active(step, trust):
+        if not self.is_active(batch, trust):
             self.counts["rows_seen"] += n
             self.counts["weight_sum"] += n
             return Decision(torch.ones(n, dtype=torch.bool, device=device), torch.ones(n, device=device),
                             scores, 1.0, False)
 
-        score_fn = scorer.score if hasattr(scorer, "score") else scorer
-        embed_fn = getattr(scorer, "embed", None)
+        full_scorer = isinstance(scorer, RowScorer)  # else a plain callable rows -> SampleScores
+        score_fn = scorer.score if full_scorer else scorer
+        embed_fn = scorer.embed if full_scorer else None
         band_low, band_high = self._band()
         if self.anomaly_cutoff is not None:
             # The batch median is compared with the cutoff: rows on either side of it must be exact too.
@@ -550,7 +551,7 @@ class ThresholdPolicy:
             lo, hi = self.jacobian_range
             undecided = undecided_rows(cheap, lo, hi, band_low, band_high)
             full = undecided
-            cap = min((c for c in (self.gate_budget, max_scored) if c is not None), default=None)
+            cap = min((c for c in (self.max_jacobian_rows, max_scored) if c is not None), default=None)
             if cap is not None:
                 full = nearest_rows(undecided, cheap + self.jacobian_center, self.threshold, cap)
             estimated = int((undecided & ~full).sum())
@@ -559,7 +560,7 @@ class ThresholdPolicy:
         if sketched:
             score_fn = scorer.sketched(self.sketch_dim).score
         # A rank-synchronous scorer (sharded training) must be called on every rank alike, even with no row.
-        if rows.numel() or getattr(scorer, "synchronized", False):
+        if rows.numel() or (full_scorer and scorer.synchronized):
             s = score_fn(x[rows], **side_rows(side or {}, n, rows))
             j = s.jepa_score.to(device).double()
             if sketched:  # the sketch's level mapped onto the exact score's, fitted on the reference
@@ -618,7 +619,7 @@ class ThresholdPolicy:
             "anomaly_cutoff": self.anomaly_cutoff,
             "jacobian_range": self.jacobian_range,
             "jacobian_center": self.jacobian_center,
-            "calibrated_step": self.calibrated_step,
+            "calibrated_batch": self.calibrated_batch,
             "counts": dict(self.counts),
             "sketch_level": self.sketch_level,
             "sketch_dim": self.sketch_dim,
@@ -632,7 +633,7 @@ class ThresholdPolicy:
         self.anomaly_cutoff = state["anomaly_cutoff"]
         self.jacobian_range = None if state["jacobian_range"] is None else tuple(state["jacobian_range"])
         self.jacobian_center = state["jacobian_center"]
-        self.calibrated_step = state.get("calibrated_step")
+        self.calibrated_batch = state.get("calibrated_batch", state.get("calibrated_step"))
         self.counts = {**dict.fromkeys(COUNT_KEYS, 0), **state["counts"]}
         level = state.get("sketch_level")  # absent from checkpoints of earlier releases
         self.sketch_level = None if level is None else tuple(level)
@@ -655,21 +656,42 @@ class Drop(ThresholdPolicy):
             keeps a BatchNorm layer in the training step working (one row raises in train mode).
         max_drop_fraction: never drop more than this fraction of a batch (rounded down); the
             highest-scoring rows below the threshold are kept first. 1.0 lifts the cap.
-        **options: the shared options of :class:`ThresholdPolicy` (``threshold``, ``warmup``,
-            ``score_key``, ``every_n_steps``, ``max_threshold_age``,
-            ``batch_anomaly``, ``anomalous_batch_weight``, ``gate``, ``gate_margin``,
-            ``gate_budget``, ``sketch``, ``curation_budget``, ``weight_key``).
+        threshold, warmup, score_key, every_n_batches, max_threshold_age, batch_anomaly,
+        anomalous_batch_weight, gate, gate_margin, max_jacobian_rows, sketch, pass_share, weight_key:
+            the options every threshold policy shares, documented in :class:`ThresholdPolicy`.
     """
 
     mode = "drop"
 
-    def __init__(self, quantile: float = 0.05, *, min_keep: int = 2, max_drop_fraction: float = 0.5,
-                 **options: Any) -> None:
+    def __init__(
+        self,
+        quantile: float = 0.05,
+        *,
+        min_keep: int = 2,
+        max_drop_fraction: float = 0.5,
+        threshold: Optional[float] = None,
+        warmup: Union[int, str] = "trust",
+        score_key: str = "log_density",
+        every_n_batches: int = 1,
+        max_threshold_age: Optional[int] = 2000,
+        batch_anomaly: Optional[float] = None,
+        anomalous_batch_weight: float = 0.0,
+        gate: bool = True,
+        gate_margin: float = 0.1,
+        max_jacobian_rows: Optional[int] = 16,
+        sketch: Union[int, str, None] = "auto",
+        pass_share: Optional[float] = 0.2,
+        weight_key: str = "sample_weight",
+    ) -> None:
         if not (isinstance(min_keep, int) and min_keep >= 1):
             raise ValueError(f"min_keep={min_keep!r} must be an integer >= 1: a training batch is never emptied.")
         if not 0.0 < max_drop_fraction <= 1.0:
             raise ValueError(f"max_drop_fraction={max_drop_fraction!r} must be in (0, 1].")
-        super().__init__(quantile, **options)
+        super().__init__(quantile, threshold=threshold, warmup=warmup, score_key=score_key,
+                         every_n_batches=every_n_batches, max_threshold_age=max_threshold_age,
+                         batch_anomaly=batch_anomaly, anomalous_batch_weight=anomalous_batch_weight, gate=gate,
+                         gate_margin=gate_margin, max_jacobian_rows=max_jacobian_rows, sketch=sketch,
+                         pass_share=pass_share, weight_key=weight_key)
         self.min_keep = min_keep
         self.max_drop_fraction = float(max_drop_fraction)
 
@@ -694,15 +716,39 @@ class Reweight(ThresholdPolicy):
     Args:
         quantile: the threshold is this quantile of the held-out reference scores.
         temperature: width of the transition, in units of the reference's median-to-quantile gap.
-        **options: the shared options of :class:`ThresholdPolicy`.
+        threshold, warmup, score_key, every_n_batches, max_threshold_age, batch_anomaly,
+        anomalous_batch_weight, gate, gate_margin, max_jacobian_rows, sketch, pass_share, weight_key:
+            the options every threshold policy shares, documented in :class:`ThresholdPolicy`.
     """
 
     mode = "reweight"
 
-    def __init__(self, quantile: float = 0.05, *, temperature: float = 0.5, **options: Any) -> None:
+    def __init__(
+        self,
+        quantile: float = 0.05,
+        *,
+        temperature: float = 0.5,
+        threshold: Optional[float] = None,
+        warmup: Union[int, str] = "trust",
+        score_key: str = "log_density",
+        every_n_batches: int = 1,
+        max_threshold_age: Optional[int] = 2000,
+        batch_anomaly: Optional[float] = None,
+        anomalous_batch_weight: float = 0.0,
+        gate: bool = True,
+        gate_margin: float = 0.1,
+        max_jacobian_rows: Optional[int] = 16,
+        sketch: Union[int, str, None] = "auto",
+        pass_share: Optional[float] = 0.2,
+        weight_key: str = "sample_weight",
+    ) -> None:
         if not temperature >= 0:
             raise ValueError(f"temperature={temperature!r} must be >= 0 (0: a hard step, as Drop without dropping).")
-        super().__init__(quantile, **options)
+        super().__init__(quantile, threshold=threshold, warmup=warmup, score_key=score_key,
+                         every_n_batches=every_n_batches, max_threshold_age=max_threshold_age,
+                         batch_anomaly=batch_anomaly, anomalous_batch_weight=anomalous_batch_weight, gate=gate,
+                         gate_margin=gate_margin, max_jacobian_rows=max_jacobian_rows, sketch=sketch,
+                         pass_share=pass_share, weight_key=weight_key)
         self.temperature = float(temperature)
         self.scale: Optional[float] = None
 

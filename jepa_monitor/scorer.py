@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Callable, ClassVar, Dict, Mapping, Optional, Protocol, Union, runtime_checkable
 
 import torch
 from torch import nn
@@ -33,7 +33,7 @@ from .sample_scores import SampleScores
 from .whitening import Whitening, whiten
 
 METHODS = ("exact", "slq")
-DEFAULT_MEMORY_BUDGET = 256 * 2**20
+DEFAULT_MEMORY_BYTES = 256 * 2**20
 
 
 def side_rows(side: Mapping[str, Any], n: int, rows: Any) -> Dict[str, Any]:
@@ -55,12 +55,16 @@ class Scorer:
     Args:
         encoder: an ``nn.Module`` or any callable from a batch tensor (plus side-input keywords) to
             embeddings. Modules are scored in eval mode and every submodule's ``.training`` flag is
-            restored afterwards.
+            restored afterwards. None makes a *template*: the options alone, for
+            ``JEPAScoreMonitor(scorer=...)``, which binds the module's encoder at every measurement
+            (``template.replace(encoder=...)``); a template cannot score by itself.
         output: which part of a dict/tuple output is the embedding (key, index or callable).
         pool: for (B, T, K) token outputs: "mean" (masked by the side input ``mask_key`` when it is
             given), "first" (CLS), "flatten" or a callable.
         input_module: differentiate with respect to this submodule's output instead of ``x``
-            (e.g. the token embedding of a language model, so integer ids can be scored).
+            (e.g. the token embedding of a language model, so integer ids can be scored). In a
+            template, a dotted path on the LightningModule (``"backbone.embed_tokens"``), which the
+            monitor resolves when it binds the encoder.
         whitening: a :class:`~jepa_monitor.whitening.Whitening` fitted on reference embeddings:
             score ``W(f(x) - μ)`` instead of f(x) (see :mod:`jepa_monitor.whitening`).
         prior: the Gaussian ``log_prior`` reads the embedding through: a fitted
@@ -79,8 +83,8 @@ class Scorer:
         rel_floor: otherwise, singular values below ``rel_floor·σ_max`` are raised to it and
             counted in ``n_floored``.
         batch_size: micro-batch size; by default chosen so one micro-batch's Jacobian fits in
-            ``memory_budget`` bytes. Out of memory halves it and retries.
-        memory_budget: bytes one micro-batch's Jacobian rows and Gram may take (activations are not
+            ``memory_bytes`` bytes. Out of memory halves it and retries.
+        memory_bytes: bytes one micro-batch's Jacobian rows and Gram may take (activations are not
             counted); when one sample's rows do not fit, rows are held in groups and recomputed.
         vectorize: how Jacobian rows are computed: 0 (the loop: one backward pass per row), an int
             ``w`` (``w`` rows per vmapped backward pass), ``"replicated"`` (``w`` rows per forward +
@@ -93,16 +97,16 @@ class Scorer:
         progress: show a progress bar (rows, rows/s) while scoring.
     """
 
-    encoder: Callable[..., Any]
+    encoder: Optional[Callable[..., Any]] = None
     output: OutputSelector = None
     pool: Pooling = "mean"
-    input_module: Optional[nn.Module] = None
+    input_module: Union[nn.Module, str, None] = None
     whitening: Optional[Whitening] = None
     method: str = "exact"
     paper: bool = False
     rel_floor: float = 1e-6
     batch_size: Optional[int] = None
-    memory_budget: int = DEFAULT_MEMORY_BUDGET
+    memory_bytes: int = DEFAULT_MEMORY_BYTES
     vectorize: Vectorize = None
     approx_options: Optional[dict] = None
     mask_key: str = "attention_mask"
@@ -110,9 +114,12 @@ class Scorer:
     prior: Optional[Whitening] = None
     sketch: Optional[int] = None
     sketch_seed: int = 0
+    #: A Scorer runs the passes each call needs; the monitor's rank-synchronous wrapper (sharded
+    #: training) runs them on every rank alike, even for no row (policies call it then too).
+    synchronized: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        if not callable(self.encoder):
+        if self.encoder is not None and not callable(self.encoder):
             raise TypeError(f"encoder must be callable (an nn.Module or a function); got {type(self.encoder).__name__}.")
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r} is not one of {METHODS}.")
@@ -126,6 +133,17 @@ class Scorer:
     def replace(self, **changes: Any) -> "Scorer":
         """A copy with some options changed, e.g. ``scorer.replace(whitening=w)``."""
         return dataclasses.replace(self, **changes)
+
+    @property
+    def is_template(self) -> bool:
+        """Options without an encoder (or with ``input_module`` still a path): cannot score yet."""
+        return self.encoder is None or isinstance(self.input_module, str)
+
+    def _bound(self) -> None:
+        if self.is_template:
+            missing = "an encoder" if self.encoder is None else f"input_module={self.input_module!r} resolved to a module"
+            raise ValueError(f"this Scorer is a template (it needs {missing}): bind one with "
+                             "scorer.replace(encoder=..., input_module=...), or pass it to JEPAScoreMonitor(scorer=...).")
 
     def sketched(self, m: int) -> "Scorer":
         """This scorer with a sketch of ``m`` output directions (see ``sketch``)."""
@@ -149,6 +167,7 @@ class Scorer:
         """f(x), detached (B, K) in the encoder's dtype, from one gradient-free forward pass under the same guards
         as scoring (a train-mode BatchNorm or dropout would give an embedding the Jacobian stage,
         which runs in eval mode, does not see)."""
+        self._bound()
         _check_input(x, input_module=self.input_module, need_float=False)
         with scoring_context(self.encoder, x.device), torch.no_grad():
             return self._embedding(x, side).detach()
@@ -166,6 +185,7 @@ class Scorer:
         ``input_module`` is given. Each sample is flattened to D features. ``side``: keyword
         tensors passed on to the encoder (e.g. ``attention_mask=``), sliced with every micro-batch.
         """
+        self._bound()
         x = _check_input(x, input_module=self.input_module, need_float=True)
         if side and self.method != "exact":
             raise ValueError(f"side inputs ({sorted(side)}) are supported by method='exact' only.")
@@ -247,7 +267,7 @@ class Scorer:
 
             # Side inputs go as encoder_kwargs: replicated rows repeat them with the samples.
             z, g, d_dim = embedding_and_gram(f, x, input_module=self.input_module, vectorize=self._vectorize(x),
-                                             memory_budget=self.memory_budget, encoder_kwargs=side,
+                                             memory_bytes=self.memory_bytes, encoder_kwargs=side,
                                              cache_key=self.encoder)
             s, floored = half_logdet(g, rel_floor=rel_floor, abs_floor=abs_floor)
             return (z if z_full is None else z_full), s, floored, d_dim
@@ -261,7 +281,7 @@ class Scorer:
             z = self._embedding(holder[0] if self.input_module is None else x[:1], side_rows(side, x.shape[0], slice(0, 1)))
         if not holder:
             return 1  # the chunk path raises the explanatory error
-        return micro_batch_size(z.shape[1], holder[0][0].numel(), self.memory_budget)
+        return micro_batch_size(z.shape[1], holder[0][0].numel(), self.memory_bytes)
 
 
 _SKETCHES: Dict[tuple, torch.Tensor] = {}
@@ -278,10 +298,10 @@ def sketch_matrix(k: int, m: int, seed: int = 0) -> torch.Tensor:
     return _SKETCHES[key]
 
 
-def micro_batch_size(k_dim: int, d_dim: int, memory_budget: int) -> int:
-    """Samples whose Jacobian rows and Gram fit ``memory_budget`` bytes together (see
+def micro_batch_size(k_dim: int, d_dim: int, memory_bytes: int) -> int:
+    """Samples whose Jacobian rows and Gram fit ``memory_bytes`` bytes together (see
     :func:`jepa_monitor.jacobian.full_jacobian_bytes`); at least 1, whose rows are then chunked."""
-    return max(1, memory_budget // full_jacobian_bytes(1, k_dim, d_dim))
+    return max(1, memory_bytes // full_jacobian_bytes(1, k_dim, d_dim))
 
 
 def _check_input(x: Any, *, input_module: Optional[nn.Module], need_float: bool) -> torch.Tensor:
@@ -299,6 +319,24 @@ def _check_input(x: Any, *, input_module: Optional[nn.Module], need_float: bool)
             "embedded tokens; otherwise convert x to a floating-point tensor."
         )
     return x
+
+
+@runtime_checkable
+class RowScorer(Protocol):
+    """What a curation policy calls on a scorer: :class:`Scorer` and the monitor's rank-synchronous
+    wrapper implement it. ``score`` takes the Jacobian of rows, ``embed`` is one forward pass,
+    ``log_prior`` reads embeddings through the scorer's Gaussian, ``sketched(m)`` is the same scorer
+    with a sketch of m output directions, ``synchronized`` says it must be called on every rank alike."""
+
+    synchronized: bool
+
+    def score(self, x: torch.Tensor, **side: Any) -> SampleScores: ...
+
+    def embed(self, x: torch.Tensor, **side: Any) -> torch.Tensor: ...
+
+    def log_prior(self, z: torch.Tensor) -> torch.Tensor: ...
+
+    def sketched(self, m: int) -> "RowScorer": ...
 
 
 def as_scorer(encoder: Any, **options: Any) -> Scorer:

@@ -85,7 +85,7 @@ def test_knn_matches_sklearn_and_chunking_changes_nothing(k):
     expected = -dist[:, -1]
     np.testing.assert_allclose(knn_score(z, ref, k).numpy(), expected, rtol=1e-6)
     # a budget of 3 rows per chunk: 19 chunks, same numbers
-    tiny = knn_score(z, ref, k, memory_budget=3 * 8 * 300)
+    tiny = knn_score(z, ref, k, memory_bytes=3 * 8 * 300)
     torch.testing.assert_close(tiny, knn_score(z, ref, k), rtol=0, atol=0)
     np.testing.assert_allclose(KNNScore(k).fit(ref).score(z).numpy(), expected, rtol=1e-6)
 

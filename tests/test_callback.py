@@ -1,6 +1,7 @@
 """JEPAScoreMonitor on tiny CPU runs: what it logs, and that it never changes the training run."""
 
 import math
+from dataclasses import replace
 import warnings
 
 import lightning.pytorch as pl
@@ -12,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from jepa_monitor import score_samples
-from jepa_monitor.callbacks import JEPAScoreMonitor
+from jepa_monitor.callbacks import Cadence, JEPAScoreMonitor, Outputs
 from jepa_monitor.export import read_scores
 from jepa_monitor.reading import cross_fitted_log_prior, fit_reading
 
@@ -75,9 +76,12 @@ def trainer(tmp_path, callbacks=(), logger=False, **kw):
     return pl.Trainer(**opts)
 
 
+#: The cadence of ``monitor()``: a held-out evaluation every 2 batches, 5 incoming rows every batch.
+BASE_CADENCE = Cadence(every_n_batches=2, incoming_every_n_batches=1, incoming_rows=5)
+
+
 def monitor(**kw):
-    opts = dict(encoder="encoder", heldout=heldout_loader(), every_n_steps=2, input_key="x", id_key="id",
-                incoming_every_n_steps=1, incoming_max_rows=5)
+    opts = dict(encoder="encoder", heldout=heldout_loader(), input_key="x", id_key="id", cadence=BASE_CADENCE)
     opts.update(kw)
     return JEPAScoreMonitor(**opts)
 
@@ -106,7 +110,7 @@ def test_reference_scalars_and_export_match_direct_scoring(tmp_path):
     model = TinyModule()
     held = DictData(20, seed=1, augment=False)
     ref = direct_scores(model, held.x)  # the untrained model, exactly what fit start sees
-    cb = monitor(heldout=held.x, incoming_every_n_steps=None, every_n_steps=100, reading="isotropic")
+    cb = monitor(heldout=held.x, cadence=replace(BASE_CADENCE, incoming_every_n_batches=None, every_n_batches=100), reading="isotropic")
     logger = CSVLogger(tmp_path, name="csv")
     trainer(tmp_path, [cb], logger=logger).fit(model, train_loader())
     for c in ("jepa_score", "log_prior", "log_density"):
@@ -135,7 +139,7 @@ def test_fitted_reading_reads_heldout_rows_cross_fitted_and_incoming_rows_throug
     model = TinyModule()
     held = DictData(20, seed=1, augment=False)
     ref = direct_scores(model, held.x)
-    cb = monitor(heldout=held.x, incoming_every_n_steps=None, every_n_steps=100)
+    cb = monitor(heldout=held.x, cadence=replace(BASE_CADENCE, incoming_every_n_batches=None, every_n_batches=100))
     trainer(tmp_path, [cb], max_steps=1).fit(model, train_loader())
     prior = cross_fitted_log_prior(ref.embedding, 20).float()
     torch.testing.assert_close(cb.reference["jepa_score"], ref.jepa_score, rtol=0, atol=0)
@@ -156,7 +160,7 @@ def test_zero_observer_effect_bitwise(tmp_path):
     def run(with_monitor, sub):
         pl.seed_everything(123)
         model = TinyModule(dropout=0.3)
-        cbs = [monitor(every_n_steps=2, incoming_every_n_steps=1)] if with_monitor else []
+        cbs = [monitor(cadence=replace(BASE_CADENCE, every_n_batches=2, incoming_every_n_batches=1))] if with_monitor else []
         logger = TensorBoardLogger(tmp_path / sub, name="tb")
         trainer(tmp_path / sub, cbs, logger=logger, max_epochs=2, accumulate_grad_batches=2).fit(model, train_loader())
         return model.state_dict(), cbs
@@ -169,7 +173,7 @@ def test_zero_observer_effect_bitwise(tmp_path):
 
 
 def test_gradient_accumulation_uses_own_batch_counter(tmp_path):
-    cb = monitor(every_n_steps=2, incoming_every_n_steps=3)
+    cb = monitor(cadence=replace(BASE_CADENCE, every_n_batches=2, incoming_every_n_batches=3))
     trainer(tmp_path, [cb], accumulate_grad_batches=3).fit(TinyModule(), train_loader())
     held = [(h["batch"], h["step"]) for h in cb.history if h["split"] == "heldout"]
     # 6 batches, an optimizer step every 3: evaluations follow batches, not optimizer steps
@@ -182,7 +186,7 @@ def test_bf16_mixed_scores_in_full_precision(tmp_path):
     model = TinyModule()
     held = DictData(12, seed=1, augment=False).x
     ref = direct_scores(model, held)
-    cb = monitor(heldout=held, incoming_every_n_steps=2)
+    cb = monitor(heldout=held, cadence=replace(BASE_CADENCE, incoming_every_n_batches=2))
     trainer(tmp_path, [cb], precision="bf16-mixed").fit(model, train_loader())
     torch.testing.assert_close(cb.reference["jepa_score"], ref.jepa_score, rtol=0, atol=0)
     incoming = [h for h in cb.history if h["split"] == "incoming"]
@@ -211,7 +215,7 @@ def test_validate_and_test_under_inference_mode(tmp_path, stage):
 
 
 def test_no_logger_warns_once_and_still_exports(tmp_path):
-    cb = monitor(every_n_steps=2, incoming_every_n_steps=1)
+    cb = monitor(cadence=replace(BASE_CADENCE, every_n_batches=2, incoming_every_n_batches=1))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer(tmp_path, [cb], logger=False).fit(TinyModule(), train_loader())
@@ -275,7 +279,7 @@ def test_csv_and_tensorboard_get_every_documented_key(tmp_path):
 
     tb = TensorBoardLogger(tmp_path, name="tb")
     csvl = CSVLogger(tmp_path, name="csv")
-    cb = monitor(heldout=heldout_loader(image=True), num_images=3, policy=Drop(warmup=0))
+    cb = monitor(heldout=heldout_loader(image=True), outputs=Outputs(num_images=3), policy=Drop(warmup=0))
     trainer(tmp_path, [cb], logger=[tb, csvl], log_every_n_steps=1).fit(TinyModule(image=True), train_loader(image=True))
     keys = {k for row in csv_metrics(csvl) for k, v in row.items() if v != "" and k != "step"}
     documented = documented_keys(JEPAScoreMonitor.__doc__)
@@ -314,8 +318,8 @@ def test_csv_and_tensorboard_get_every_documented_key(tmp_path):
 
 
 def test_two_instances_coexist(tmp_path):
-    a = monitor(name="a", components=("jepa_score",))
-    b = monitor(name="b", encoder=lambda m: m.encoder[:3], every_n_steps=3)
+    a = monitor(name="a", outputs=Outputs(components=("jepa_score",)))
+    b = monitor(name="b", encoder=lambda m: m.encoder[:3], cadence=replace(BASE_CADENCE, every_n_batches=3))
     assert a.state_key != b.state_key
     csvl = CSVLogger(tmp_path, name="csv")
     t = trainer(tmp_path, [a, b], logger=csvl, enable_checkpointing=True)
@@ -341,7 +345,7 @@ def test_resume_continues_the_same_series(tmp_path):
         pl.seed_everything(0)
         stream = DictData(48, augment=False)
         stream.x[::5] += 4.0  # some rows for the policy to drop
-        cb = monitor(every_n_steps=4, incoming_every_n_steps=3, incoming_max_rows=3, policy=Drop(quantile=0.1, warmup=0))
+        cb = monitor(cadence=replace(BASE_CADENCE, every_n_batches=4, incoming_every_n_batches=3, incoming_rows=3), policy=Drop(quantile=0.1, warmup=0))
         return IdRecorder(), DataLoader(stream, batch_size=8), cb
 
     model, data, full = make()
@@ -364,9 +368,10 @@ def test_resume_continues_the_same_series(tmp_path):
     for r, f in zip(resumed.history, full.history):
         assert (r["batch"], r["step"], r["split"]) == (f["batch"], f["step"], f["split"])
         assert r["mean"] == pytest.approx(f["mean"], rel=1e-6, abs=1e-6)
-        assert (r["drift_ks"] is None) == (f["drift_ks"] is None)
-        if f["drift_ks"] is not None:
-            assert r["drift_ks"] == pytest.approx(f["drift_ks"], abs=1e-9)
+        ks = "shift_ks" if f["split"] == "incoming" else "drift_ks"
+        assert (r[ks] is None) == (f[ks] is None)
+        if f[ks] is not None:
+            assert r[ks] == pytest.approx(f[ks], abs=1e-9)
     assert resumed.policy.threshold == pytest.approx(full.policy.threshold, rel=1e-6)
     assert len(full_seen) < 96  # the policy dropped rows ...
     assert first_seen + model.seen == full_seen  # ... and the same ones after the resume
@@ -389,7 +394,7 @@ def test_heldout_from_a_saved_file(tmp_path):
     pl.seed_everything(0)
     model = TinyModule()
     expected = direct_scores(model, held.x).log_density
-    cb = monitor(heldout=str(tmp_path / "held.pt"), incoming_every_n_steps=None, reading="isotropic")
+    cb = monitor(heldout=str(tmp_path / "held.pt"), cadence=replace(BASE_CADENCE, incoming_every_n_batches=None), reading="isotropic")
     trainer(tmp_path, [cb]).fit(model, train_loader())
     torch.testing.assert_close(cb.reference["log_density"], expected, rtol=0, atol=0)
     out = read_scores(cb.export_file)
@@ -404,7 +409,7 @@ def test_trust_diagnostics_logged_and_match_the_core(tmp_path):
     held = DictData(40, seed=1, augment=False).x
     ref = direct_scores(model, held)
     csvl = CSVLogger(tmp_path, name="csv")
-    cb = monitor(heldout=held, incoming_every_n_steps=None, every_n_steps=100)
+    cb = monitor(heldout=held, cadence=replace(BASE_CADENCE, incoming_every_n_batches=None, every_n_batches=100))
     trainer(tmp_path, [cb], logger=csvl).fit(model, train_loader())
     row = next(r for r in csv_metrics(csvl) if r.get("jepa/trust/score"))
     report = gaussianity_report(ref.embedding)
@@ -431,7 +436,7 @@ def test_policy_wiring_logs_and_exports_dropped_rows(tmp_path):
     stream = DictData(48, augment=False)
     stream.x[1::3] = stream.x[1::3] * 4 + 6  # a third of the rows far from the held-out data
     policy = Drop(quantile=0.05, warmup=0)  # the tiny encoder never reaches trust: opt out of the trust warm-up
-    cb = monitor(policy=policy, incoming_every_n_steps=None, every_n_steps=3)
+    cb = monitor(policy=policy, cadence=replace(BASE_CADENCE, incoming_every_n_batches=None, every_n_batches=3))
     csvl = CSVLogger(tmp_path, name="csv")
     model = IdRecorder()
     trainer(tmp_path, [cb], logger=csvl, log_every_n_steps=1).fit(model, DataLoader(stream, batch_size=8))

@@ -2,6 +2,7 @@
 faults during the run become warnings and skipped measurements."""
 
 import warnings
+from dataclasses import replace
 
 import lightning.pytorch as pl
 import pytest
@@ -10,8 +11,9 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader
 
-from jepa_monitor.callbacks import JEPAScoreMonitor
-from test_callback import DictData, TinyModule, heldout_loader, monitor, train_loader, trainer
+from jepa_monitor import Scorer
+from jepa_monitor.callbacks import Alerts, Cadence, JEPAScoreMonitor, Outputs
+from test_callback import BASE_CADENCE, DictData, TinyModule, heldout_loader, monitor, train_loader, trainer
 
 
 class CountingModule(TinyModule):
@@ -95,13 +97,13 @@ def _flaky_monitor(fail_calls, **kw):
         return box["flaky"]
 
     # score one row per forward pass, so that one call = one measurement chunk
-    return monitor(encoder=resolve, score_options={"batch_size": 64}, **kw), box
+    return monitor(encoder=resolve, scorer=Scorer(batch_size=64), **kw), box
 
 
 def test_fault_becomes_warning_and_training_continues(tmp_path):
     # held-out has 20 rows scored in one pass (batch_size=64): call 1 is the reference, then one
     # call per measurement. Fail the 3rd call only.
-    cb, box = _flaky_monitor({3}, every_n_steps=2, incoming_every_n_steps=1)
+    cb, box = _flaky_monitor({3})
     model = CountingModule()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -115,7 +117,7 @@ def test_fault_becomes_warning_and_training_continues(tmp_path):
 
 
 def test_repeated_faults_disable_the_monitor_loudly(tmp_path):
-    cb, box = _flaky_monitor(set(range(2, 1000)), every_n_steps=2, incoming_every_n_steps=1, max_failures=3)
+    cb, box = _flaky_monitor(set(range(2, 1000)), max_failures=3)
     model = CountingModule()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -131,7 +133,7 @@ def test_repeated_faults_disable_the_monitor_loudly(tmp_path):
 def test_nonfinite_rows_are_counted_not_fatal(tmp_path):
     held = DictData(10, seed=1, augment=False).x.clone()
     held[3] = float("nan")
-    cb = monitor(heldout=held, incoming_every_n_steps=None)
+    cb = monitor(heldout=held, cadence=replace(BASE_CADENCE, incoming_every_n_batches=None))
     trainer(tmp_path, [cb]).fit(TinyModule(), train_loader())
     ref = cb.reference["log_density"]
     assert torch.isnan(ref[3]) and torch.isfinite(ref[torch.arange(10) != 3]).all()
@@ -140,7 +142,7 @@ def test_nonfinite_rows_are_counted_not_fatal(tmp_path):
 
 def test_data_shift_alert_on_shifted_incoming_data(tmp_path):
     pl.seed_everything(0)
-    cb = monitor(incoming_every_n_steps=1, incoming_max_rows=8, drift_threshold=0.5)
+    cb = monitor(cadence=replace(BASE_CADENCE, incoming_every_n_batches=1, incoming_rows=8), alerts=Alerts(threshold=0.5))
     shifted = DictData(48)
     shifted.x = shifted.x * 5 + 20  # far outside the held-out data
     with warnings.catch_warnings(record=True) as caught:
@@ -149,20 +151,26 @@ def test_data_shift_alert_on_shifted_incoming_data(tmp_path):
     alerts = [str(w.message) for w in caught if "data shift alert" in str(w.message)]
     assert len(alerts) == 1  # raised when it turns on, not at every batch
     # Compared only where held-out scores of the same weights exist: batches 0, 2 and 4.
-    compared = [h for h in cb.history if h["split"] == "incoming" and h["drift_ks"] is not None]
-    assert [h["batch"] for h in compared] == [0, 2, 4] and all(h["drift_ks"] > 0.5 for h in compared)
+    compared = [h for h in cb.history if h["split"] == "incoming" and h["shift_ks"] is not None]
+    assert [h["batch"] for h in compared] == [0, 2, 4] and all(h["shift_ks"] > 0.5 for h in compared)
     assert cb.state_dict()["tracker"]["alerts"]["data_shift"] is True
 
 
 def test_bad_arguments_fail_at_construction():
     with pytest.raises(ValueError, match="heldout"):
-        JEPAScoreMonitor("encoder")
+        JEPAScoreMonitor("encoder", None)
+    with pytest.raises(TypeError, match="Scorer template without an encoder"):
+        JEPAScoreMonitor("encoder", heldout_loader(), scorer=Scorer(torch.nn.Identity()))
+    with pytest.raises(ValueError, match="reading= argument sets the prior"):
+        JEPAScoreMonitor("encoder", heldout_loader(), scorer=Scorer(sketch=4))
+    with pytest.raises(TypeError, match="cadence must be a jepa_monitor.callbacks.Cadence"):
+        JEPAScoreMonitor("encoder", heldout_loader(), cadence={"every_n_batches": 2})
     with pytest.raises(ValueError, match="components"):
-        JEPAScoreMonitor("encoder", heldout_loader(), components=("score",))
-    with pytest.raises(ValueError, match="every_n_steps"):
-        JEPAScoreMonitor("encoder", heldout_loader(), every_n_steps=0)
+        JEPAScoreMonitor("encoder", heldout_loader(), outputs=Outputs(components=("score",)))
+    with pytest.raises(ValueError, match="every_n_batches"):
+        JEPAScoreMonitor("encoder", heldout_loader(), cadence=Cadence(every_n_batches=0))
     with pytest.raises(ValueError, match="export"):
-        JEPAScoreMonitor("encoder", heldout_loader(), export="xlsx")
+        JEPAScoreMonitor("encoder", heldout_loader(), outputs=Outputs(export="xlsx"))
 
 
 def test_policy_calibration_on_nonfinite_scores_does_not_raise():
@@ -170,7 +178,7 @@ def test_policy_calibration_on_nonfinite_scores_does_not_raise():
     from jepa_monitor.policies import Drop
 
     policy = Drop(warmup=0)
-    mon = JEPAScoreMonitor(heldout=torch.zeros(4, 3), policy=policy)
+    mon = JEPAScoreMonitor("encoder", torch.zeros(4, 3), policy=policy)
     nan = torch.full((4,), float("nan"))
     with pytest.warns(UserWarning, match="calibration skipped"):
         mon._calibrate({"jepa_score": nan, "log_prior": nan, "log_density": nan}, trust=None)
@@ -202,8 +210,8 @@ def test_policy_options_live_on_the_policy_and_a_user_policy_must_meet_the_proto
 
     with pytest.raises(TypeError, match="weight_key"):
         monitor(policy=Reweight(), weight_key="w")  # one place only: the policy
-    with pytest.raises(TypeError, match="curation_budget"):
-        monitor(policy=Reweight(), curation_budget=0.1)
+    with pytest.raises(TypeError, match="pass_share"):
+        monitor(policy=Reweight(), pass_share=0.1)
 
     class Partial:
         mode, score_key, weight_key, counts = "drop", "log_density", "w", {}
@@ -211,7 +219,7 @@ def test_policy_options_live_on_the_policy_and_a_user_policy_must_meet_the_proto
         def decide_batch(self, *args, **kwargs):
             raise AssertionError
 
-    with pytest.raises(TypeError, match="does not implement .*missing: curation_budget, calibrate"):
+    with pytest.raises(TypeError, match="does not implement .*missing: pass_share, calibrate"):
         monitor(policy=Partial())
 
 
@@ -223,7 +231,7 @@ def test_curation_warns_once_when_most_rows_are_decided_from_an_estimate():
     from jepa_monitor.policies import Decision
 
     class Blind:
-        mode, score_key, weight_key, curation_budget = "drop", "log_density", "sample_weight", None
+        mode, score_key, weight_key, pass_share = "drop", "log_density", "sample_weight", None
         counts = {}
 
         def decide_batch(self, scorer, x, step, trust, side=None, max_scored=None):
@@ -238,12 +246,12 @@ def test_curation_warns_once_when_most_rows_are_decided_from_an_estimate():
         for b in range(3):
             cur.curate(SimpleNamespace(), {"x": torch.zeros(8, 2)}, batch_index=b, step=b, trust=None, passes_per_row=2)
     msgs = [str(w.message) for w in caught if "from an estimate" in str(w.message)]
-    assert len(msgs) == 1 and "decided 7 of 8 rows" in msgs[0] and "gate_budget" in msgs[0]
+    assert len(msgs) == 1 and "decided 7 of 8 rows" in msgs[0] and "max_jacobian_rows" in msgs[0]
 
 
 def test_a_checkpoint_of_the_previous_release_resumes():
     """tests/data/monitor_state_v2.pt: the state_dict of release 2's monitor (Drop(warmup=0), 6 batches
-    of a 6 -> 4 MLP, every_n_steps=2), written by that release's code."""
+    of a 6 -> 4 MLP, every_n_batches=2), written by that release's code."""
     import os
 
     import lightning.pytorch as lpl
@@ -256,8 +264,8 @@ def test_a_checkpoint_of_the_previous_release_resumes():
     assert old["version"] == 2 and "prior" not in old and "pacer" not in old
     policy = Drop(warmup=0)
     held = torch.randn(64, 6, generator=torch.Generator().manual_seed(1))
-    cb = JEPAScoreMonitor("encoder", heldout=held, input_key="x", id_key="id", every_n_steps=2, policy=policy,
-                          export=False)
+    cb = JEPAScoreMonitor("encoder", heldout=held, input_key="x", id_key="id", cadence=Cadence(every_n_batches=2), outputs=Outputs(export=False), policy=policy,
+                          )
     cb.load_state_dict(old)
     assert cb._batches == 6 and cb.history == old["history"]
     assert policy.threshold == old["policy"]["threshold"] and policy.counts["rows_seen"] == old["policy"]["counts"]["rows_seen"]

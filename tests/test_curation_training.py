@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from jepa_monitor.callbacks import JEPAScoreMonitor
+from jepa_monitor.callbacks import Cadence, JEPAScoreMonitor, Outputs
 from jepa_monitor.export import read_scores
 from jepa_monitor.policies import Drop, Reweight
 
@@ -95,17 +95,15 @@ class Recorder(pl.LightningModule):
         return torch.optim.SGD(self.head.parameters(), lr=1e-3)
 
 
-def run(policy, tmp_path, export=False, curation_budget=None, reading="isotropic"):
-    # curation_budget=None and the isotropic reading (the encoder maps the data exactly onto N(0, I)):
+def run(policy, tmp_path, export=False, pass_share=None, reading="isotropic"):
+    # pass_share=None and the isotropic reading (the encoder maps the data exactly onto N(0, I)):
     # the decisions below are checked against the exact density row by row; the pacing (which decides
     # some rows from an estimate) and the fitted reading (an estimate of N(0, I)) have their own test.
     a, x, junk, heldout = make_world()
     model = Recorder(a)
-    policy.curation_budget = curation_budget
+    policy.pass_share = pass_share
     monitor = JEPAScoreMonitor(
-        encoder="encoder", heldout=heldout, heldout_max_samples=256, every_n_steps=10_000,
-        input_key="x", id_key="id", incoming_every_n_steps=None, policy=policy, export=export,
-        num_images=0, reading=reading,
+        encoder="encoder", heldout=heldout, cadence=Cadence(heldout_rows=256, every_n_batches=10_000, incoming_every_n_batches=None), outputs=Outputs(export=export, num_images=0), input_key="x", id_key="id", policy=policy, reading=reading,
     )
     trainer = pl.Trainer(
         max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
@@ -145,7 +143,7 @@ def test_paced_drop_still_keeps_shifted_rows_out(tmp_path):
     puts them below the threshold), so pacing must not let them in; only rows near the threshold may
     differ from the exact density."""
     policy = Drop(quantile=0.05)
-    model, monitor, a, x, junk = run(policy, tmp_path, curation_budget=0.25, reading="fitted")
+    model, monitor, a, x, junk = run(policy, tmp_path, pass_share=0.25, reading="fitted")
     pacer = monitor.curation.pacer
     assert pacer is not None and pacer.spent_total > 0  # it paid for Jacobian rows
     seen = torch.zeros(N_STREAM, dtype=torch.bool)

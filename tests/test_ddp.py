@@ -20,7 +20,8 @@ SCRIPT = textwrap.dedent(
     import torch
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
-    from jepa_monitor.callbacks import JEPAScoreMonitor
+    from jepa_monitor import Scorer
+    from jepa_monitor.callbacks import Cadence, JEPAScoreMonitor, Outputs
     from jepa_monitor.policies import Drop
 
     out_dir = sys.argv[1]
@@ -74,8 +75,8 @@ SCRIPT = textwrap.dedent(
     x[1::2] += 50.0   # rank 1 reads the odd rows: every one of them is junk
     rank = int(os.environ.get("LOCAL_RANK", 0))
     train = [[x[i], i] for i in range(rank, 14, 2)]   # list batches: the policy edits them in place
-    cb = JEPAScoreMonitor(encoder, heldout, every_n_steps=2, input_key=0, id_key=1,
-                          incoming_every_n_steps=1, incoming_max_rows=3, score_options={"batch_size": 64},
+    cb = JEPAScoreMonitor(encoder, heldout, input_key=0, id_key=1, scorer=Scorer(batch_size=64),
+                          cadence=Cadence(every_n_batches=2, incoming_every_n_batches=1, incoming_rows=3),
                           policy=Drop(quantile=0.05, warmup=0, min_keep=1, max_drop_fraction=1.0))
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False,
                          use_distributed_sampler=False,
@@ -154,7 +155,8 @@ SYNC_SCRIPT = textwrap.dedent(
     import torch
     from torch import nn
     from torch.utils.data import DataLoader
-    from jepa_monitor.callbacks import JEPAScoreMonitor
+    from jepa_monitor import Scorer
+    from jepa_monitor.callbacks import Cadence, JEPAScoreMonitor, Outputs
     from jepa_monitor.policies import Drop
 
     out_dir, synchronous = sys.argv[1], sys.argv[2] == "1"
@@ -193,8 +195,9 @@ SYNC_SCRIPT = textwrap.dedent(
     if rank == 1:
         x += 50.0                                      # rank 1's rows are all junk: its gate scores others
     train = [[x[i], i] for i in range(n)]
-    cb = JEPAScoreMonitor("encoder", heldout, every_n_steps=2, input_key=0, id_key=1, incoming_every_n_steps=1,
-                          incoming_max_rows=3, score_options={"batch_size": 2}, export=False,
+    cb = JEPAScoreMonitor("encoder", heldout, input_key=0, id_key=1, scorer=Scorer(batch_size=2),
+                          cadence=Cadence(every_n_batches=2, incoming_every_n_batches=1, incoming_rows=3),
+                          outputs=Outputs(export=False),
                           policy=Drop(quantile=0.05, warmup=0, min_keep=1, max_drop_fraction=1.0),
                           rank_synchronous=synchronous)
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False,

@@ -129,15 +129,15 @@ def literal_keywords(call: ast.Call):
 
 
 def test_readme_defaults_are_the_signatures_defaults():
-    from jepa_monitor.callbacks import JEPAScoreMonitor
-    from jepa_monitor.policies import Drop, ThresholdPolicy
+    from jepa_monitor.callbacks import Alerts, Cadence, JEPAScoreMonitor, Outputs
+    from jepa_monitor.policies import Drop
 
     tree = ast.parse(readme_block("defaults"))
     calls = {node.func.id: node for node in ast.walk(tree) if isinstance(node, ast.Call)}
-    monitor_params = inspect.signature(JEPAScoreMonitor.__init__).parameters
-    policy_params = {**inspect.signature(ThresholdPolicy.__init__).parameters,
-                     **inspect.signature(Drop.__init__).parameters}
-    for name, params in (("JEPAScoreMonitor", monitor_params), ("Drop", policy_params)):
+    signatures = {name: inspect.signature(obj).parameters for name, obj in (
+        ("JEPAScoreMonitor", JEPAScoreMonitor), ("Drop", Drop), ("Cadence", Cadence), ("Alerts", Alerts),
+        ("Outputs", Outputs))}
+    for name, params in signatures.items():
         written = literal_keywords(calls[name])
         assert written, name
         for key, value in written.items():
@@ -145,10 +145,10 @@ def test_readme_defaults_are_the_signatures_defaults():
             default = params[key].default
             assert value == (tuple(default) if isinstance(default, (list, tuple)) else default), \
                 f"README says {name}({key}={value!r}); the default is {default!r}"
-    # every argument of the monitor is spelled out (encoder and heldout as ...)
-    spelled = {kw.arg for kw in calls["JEPAScoreMonitor"].keywords}
-    missing = set(monitor_params) - {"self"} - spelled - {"components", "score_options", "encoder_kwargs_keys"}
-    assert not missing, missing
+    # every argument of the monitor and every field of its option groups is spelled out
+    for name in ("JEPAScoreMonitor", "Cadence", "Alerts", "Outputs"):
+        spelled = {kw.arg for kw in calls[name].keywords}
+        assert not set(signatures[name]) - spelled, (name, set(signatures[name]) - spelled)
 
 
 # ------------------------------------------------------------------------------- the YAML config

@@ -193,7 +193,7 @@ def test_loggers_without_a_summary_writer_are_warned_once_and_the_export_follows
     from torch import nn
     from torch.utils.data import DataLoader
 
-    from jepa_monitor.callbacks import JEPAScoreMonitor
+    from jepa_monitor.callbacks import Cadence, JEPAScoreMonitor
 
     class ScalarsOnly(Logger):
         """A minimal custom logger: scalars only, no experiment object."""
@@ -232,7 +232,7 @@ def test_loggers_without_a_summary_writer_are_warned_once_and_the_export_follows
 
     def fit(loggers, root):
         monitor = JEPAScoreMonitor(encoder="encoder", heldout=torch.randn(24, 1, 4, 4, generator=g), input_key="image",
-                                   id_key="id", every_n_steps=2, incoming_every_n_steps=1, incoming_max_rows=4)
+                                   id_key="id", cadence=Cadence(every_n_batches=2, incoming_every_n_batches=1, incoming_rows=4))
         trainer = L.Trainer(max_steps=4, logger=loggers, callbacks=[monitor], default_root_dir=str(root),
                             log_every_n_steps=1, accelerator="cpu", devices=1, enable_checkpointing=False,
                             enable_model_summary=False, enable_progress_bar=False)

@@ -126,7 +126,7 @@ SCRIPT = textwrap.dedent(
         "two_five_batched": ("fsdp2", 2, 5, {"batch_size": None, "vectorize": 2}),
         "fsdp1_five_two": ("fsdp1", 5, 2, {"batch_size": 2}),
         "fsdp1_zero_three": ("fsdp1", 0, 3, {"batch_size": None}),
-        "fsdp1_budget": ("fsdp1", 5, 2, {"batch_size": 2, "memory_budget": 160}),
+        "fsdp1_budget": ("fsdp1", 5, 2, {"batch_size": 2, "memory_bytes": 160}),
         "fsdp1_flat_five_two": ("fsdp1_flat", 5, 2, {"batch_size": 2}),
     }
     results = {"shards": shards, "fsdp1_local": fsdp1_local, "fsdp1_units": fsdp1_units, "cases": {}, "embed": {}}

@@ -228,7 +228,7 @@ def test_memory_bounded_gram_equals_the_full_one(case, vectorize):
     if k <= d:
         assert plan.chunked and plan.groups >= 3
     with scoring_context(model, x.device):
-        _, g, dd = embedding_and_gram(model, x, vectorize=vectorize, memory_budget=budget)
+        _, g, dd = embedding_and_gram(model, x, vectorize=vectorize, memory_bytes=budget)
         _, g_full, _ = embedding_and_gram(model, x, vectorize=vectorize)
     assert dd == d and g.shape == (b, n, n) and g.dtype == torch.float64
     assert _rel(g, g_ref) <= 1e-5
@@ -254,7 +254,7 @@ def test_plan_counts_the_recomputed_rows(monkeypatch):
         plan = plan_rows(b, k, d, budget)
         computed.clear()
         with scoring_context(model, x.device):
-            embedding_and_gram(model, x, memory_budget=budget)
+            embedding_and_gram(model, x, memory_bytes=budget)
         assert sum(computed) == plan.vjp_rows
         if plan.groups == 1:
             assert plan.vjp_rows == k
@@ -292,7 +292,7 @@ def test_no_tensor_exceeds_the_budget(vectorize):
         with _LargestAllocation(existing) as full:
             _, g_full, _ = embedding_and_gram(model, x, vectorize=vectorize)
         with _LargestAllocation(existing) as bounded:
-            _, g, _ = embedding_and_gram(model, x, vectorize=vectorize, memory_budget=budget)
+            _, g, _ = embedding_and_gram(model, x, vectorize=vectorize, memory_bytes=budget)
     assert full.largest >= b * k * d * 4  # the mode sees the allocations
     plan = plan_rows(b, k, d, budget, width=vectorize or 0)
     assert plan.chunked and plan.planned_bytes <= budget
@@ -333,7 +333,7 @@ def test_encoder_kwargs_reach_the_encoder(brute_force, vectorize):
     mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0]])
     with scoring_context(model, x.device):
         # replicated: the mask's rows are repeated with their samples (a wrong pairing fails below)
-        z, g, d = embedding_and_gram(model, x, encoder_kwargs={"attention_mask": mask}, memory_budget=2000,
+        z, g, d = embedding_and_gram(model, x, encoder_kwargs={"attention_mask": mask}, memory_bytes=2000,
                                      vectorize=vectorize)
         _, jac = embedding_and_jacobian(model, x, encoder_kwargs={"attention_mask": mask})
     assert d == 24 and _rel(g, gram(jac)) <= 1e-6
@@ -358,7 +358,7 @@ def test_vectorize_values_are_checked():
 def test_score_through_the_gram_matches_float64_brute_force(brute_force):
     model, x = _cnn(), torch.randn(4, 1, 8, 8, generator=_gen(15))
     with scoring_context(model, x.device):
-        _, g, _ = embedding_and_gram(model, x, vectorize="auto", memory_budget=4 * 10 * 10 * 8 + 3 * _row_bytes(4, 64))
+        _, g, _ = embedding_and_gram(model, x, vectorize="auto", memory_bytes=4 * 10 * 10 * 8 + 3 * _row_bytes(4, 64))
     score, floored = half_logdet(g)
     ref, ref_floored, _ = brute_force(model, x)
     assert (score - ref).abs().max().item() < 5e-5

@@ -46,7 +46,12 @@ def test_yaml_config_attaches_monitor_and_policy(tmp_path):
                 encoder: backbone
                 heldout: {tmp_path / "heldout.pt"}
                 input_key: x
-                every_n_steps: 2
+                cadence:
+                  every_n_batches: 2
+                alerts:
+                  warn_on: [data_shift, model_change]
+                scorer:
+                  vectorize: 0
                 policy:
                   class_path: jepa_monitor.policies.Drop
                   init_args: {{quantile: 0.05}}
@@ -54,6 +59,8 @@ def test_yaml_config_attaches_monitor_and_policy(tmp_path):
     cli = LightningCLI(TinyModule, args=["fit", "--config", str(config)], save_config_callback=None)
     (monitor,) = [c for c in cli.trainer.callbacks if isinstance(c, JEPAScoreMonitor)]
     assert isinstance(monitor.policy, Drop) and monitor.policy.quantile == 0.05
+    assert monitor.cadence.every_n_batches == 2 and monitor.alerts.warn_on == ("data_shift", "model_change")
+    assert monitor.scorer_template.vectorize == 0 and monitor.scorer_template.encoder is None
     assert cli.trainer.global_step == 4
     rows = read_scores(monitor.export_file)
     # fit start + batches 2 and 4 of the held-out set: 3 evaluations of 32 rows

@@ -96,10 +96,10 @@ def test_threshold_comes_from_the_reference_not_the_batch():
     policy = Drop(warmup=0, quantile=0.05, min_keep=1, max_drop_fraction=1.0)
     policy.calibrate(torch.arange(100, dtype=torch.float32))
     assert policy.threshold == pytest.approx(4.95)
-    clean = policy.decide_batch(table_scorer(), rows(range(100)), step=0)
+    clean = policy.decide_batch(table_scorer(), rows(range(100)), batch=0)
     assert clean.active and (~clean.keep).sum() == 5 and clean.keep[5:].all()
     # A batch that is all junk loses every row but the best one.
-    junk = policy.decide_batch(table_scorer(), rows([-9.0, 1.0, 4.0, -3.0]), step=1)
+    junk = policy.decide_batch(table_scorer(), rows([-9.0, 1.0, 4.0, -3.0]), batch=1)
     assert junk.keep.tolist() == [False, False, True, False]
     assert junk.weight.tolist() == [0.0, 0.0, 1.0, 0.0]
     assert policy.counts["rows_dropped"] == 8 and policy.counts["rows_seen"] == 104
@@ -107,10 +107,10 @@ def test_threshold_comes_from_the_reference_not_the_batch():
 
 def test_mapping_reference_and_absolute_threshold():
     policy = Drop(warmup=0, threshold=10.0)
-    assert policy.is_active(step=0)  # an absolute threshold needs no reference
+    assert policy.is_active(batch=0)  # an absolute threshold needs no reference
     policy.calibrate({"log_density": torch.arange(100.0), "jepa_score": torch.zeros(100), "log_prior": torch.arange(100.0)})
     assert policy.threshold == 10.0 and policy.reference_low == pytest.approx(4.95)
-    d = policy.decide_batch(table_scorer(), rows([9.0, 10.0, 11.0]), step=0)
+    d = policy.decide_batch(table_scorer(), rows([9.0, 10.0, 11.0]), batch=0)
     assert d.keep.tolist() == [False, True, True]
     with pytest.raises(KeyError, match="log_density"):
         policy.calibrate({"jepa_score": torch.zeros(3)})
@@ -118,13 +118,13 @@ def test_mapping_reference_and_absolute_threshold():
 
 def test_inactive_without_reference_before_warmup_and_off_cadence():
     calls = []
-    assert not Drop(warmup=0).decide_batch(table_scorer(calls), rows([-100.0]), step=0).active
-    policy = Drop(warmup=3, every_n_steps=2)
+    assert not Drop(warmup=0).decide_batch(table_scorer(calls), rows([-100.0]), batch=0).active
+    policy = Drop(warmup=3, every_n_batches=2)
     policy.calibrate(torch.arange(100.0))
-    active = [policy.decide_batch(table_scorer(calls), rows([-100.0, 50.0]), step=s).active for s in range(7)]
+    active = [policy.decide_batch(table_scorer(calls), rows([-100.0, 50.0]), batch=s).active for s in range(7)]
     assert active == [False, False, False, False, True, False, True]
     assert calls == [2, 2]  # an inactive step costs nothing
-    passed = policy.decide_batch(table_scorer(), rows([-100.0, 50.0]), step=5)
+    passed = policy.decide_batch(table_scorer(), rows([-100.0, 50.0]), batch=5)
     assert passed.keep.all() and passed.weight.tolist() == [1.0, 1.0] and passed.scores.isnan().all()
 
 
@@ -134,10 +134,10 @@ def test_trust_warmup():
     policy = Drop(warmup="trust")
     # A reference from an encoder that cannot be read as a density is refused, not used.
     for untrusted in (None, NAN, TRUST_THRESHOLD - 0.01):
-        policy.calibrate(torch.arange(100.0), step=0, trust=untrusted)
+        policy.calibrate(torch.arange(100.0), batch=0, trust=untrusted)
     assert policy.threshold is None and policy.counts["calibrations_refused"] == 3
     assert not policy.is_active(10, trust=TRUST_THRESHOLD)
-    policy.calibrate(torch.arange(100.0), step=0, trust=TRUST_THRESHOLD)
+    policy.calibrate(torch.arange(100.0), batch=0, trust=TRUST_THRESHOLD)
     assert policy.threshold == pytest.approx(4.95)
     assert not policy.is_active(10, trust=None)
     assert not policy.is_active(10, trust=TRUST_THRESHOLD - 0.01)
@@ -151,20 +151,20 @@ def test_trust_warmup():
 def test_nonfinite_rows_are_dropped_and_counted():
     policy = Drop(warmup=0, quantile=0.05)
     policy.calibrate(torch.arange(100.0))
-    d = policy.decide_batch(table_scorer(), rows([50.0, NAN, INF, 60.0]), step=0)
+    d = policy.decide_batch(table_scorer(), rows([50.0, NAN, INF, 60.0]), batch=0)
     assert d.keep.tolist() == [True, False, False, True]
     assert d.n_nonfinite == 2 and policy.counts["rows_nonfinite"] == 2
     w = Reweight(warmup=0)
     w.calibrate(torch.arange(100.0))
-    assert w.decide_batch(table_scorer(), rows([NAN, -INF]), step=0).weight.tolist() == [0.0, 0.0]
+    assert w.decide_batch(table_scorer(), rows([NAN, -INF]), batch=0).weight.tolist() == [0.0, 0.0]
 
 
 def test_noisy_batch_rule():
     policy = Drop(warmup=0, quantile=0.05, batch_anomaly=0.2, anomalous_batch_weight=0.25)
     policy.calibrate(torch.arange(101.0))  # 0.2-quantile = 20
-    normal = policy.decide_batch(table_scorer(), rows([10.0, 30.0, 60.0]), step=0)
+    normal = policy.decide_batch(table_scorer(), rows([10.0, 30.0, 60.0]), batch=0)
     assert normal.batch_weight == 1.0
-    noisy = policy.decide_batch(table_scorer(), rows([10.0, 15.0, 60.0]), step=1)
+    noisy = policy.decide_batch(table_scorer(), rows([10.0, 15.0, 60.0]), batch=1)
     assert noisy.batch_weight == 0.25 and noisy.weight.tolist() == [0.25, 0.25, 0.25]
     assert policy.counts["anomalous_batches"] == 1
 
@@ -174,7 +174,7 @@ def test_reweight_scale_from_reference_spread():
     policy = Reweight(warmup=0, quantile=0.05, temperature=0.5)
     policy.calibrate(torch.arange(101.0))  # q05 = 5, median = 50
     assert policy.scale == pytest.approx(22.5)
-    d = policy.decide_batch(table_scorer(), rows([5.0, 27.5, 50.0, -17.5, 16.25]), step=0)
+    d = policy.decide_batch(table_scorer(), rows([5.0, 27.5, 50.0, -17.5, 16.25]), batch=0)
     assert d.keep.all()
     assert d.weight.tolist() == pytest.approx([0.5, 1.0, 1.0, 0.0, 0.84375])
 
@@ -213,11 +213,11 @@ def test_gate_gives_the_exact_decision_with_fewer_jacobians(policy_type):
     ref, x = _reference_and_batch()
     s = score_fn(ref)
     reference = {"jepa_score": s.jepa_score, "log_prior": s.log_prior, "log_density": s.log_density}
-    gated, exact = policy_type(warmup=0, gate_budget=None), policy_type(warmup=0, gate=False)
+    gated, exact = policy_type(warmup=0, max_jacobian_rows=None), policy_type(warmup=0, gate=False)
     gated.calibrate(reference)
     exact.calibrate(reference)
-    dg = gated.decide_batch(score_fn, x, step=0)
-    de = exact.decide_batch(score_fn, x, step=0)
+    dg = gated.decide_batch(score_fn, x, batch=0)
+    de = exact.decide_batch(score_fn, x, batch=0)
 
     assert de.n_scored == 96 and 0 < dg.n_scored < 96
     assert torch.equal(dg.keep, de.keep) and torch.equal(dg.weight, de.weight)
@@ -235,7 +235,7 @@ def test_gate_budget_caps_the_jacobian_rows():
     ref, x = _reference_and_batch()
     s = score_fn(ref)
     reference = {"jepa_score": s.jepa_score, "log_prior": s.log_prior, "log_density": s.log_density}
-    unlimited, capped = Drop(warmup=0, gate_budget=None), Drop(warmup=0, gate_budget=5)
+    unlimited, capped = Drop(warmup=0, max_jacobian_rows=None), Drop(warmup=0, max_jacobian_rows=5)
     unlimited.calibrate(reference)
     capped.calibrate(reference)
     du, dc = unlimited.decide_batch(score_fn, x, 0), capped.decide_batch(score_fn, x, 0)
@@ -272,7 +272,7 @@ def test_gate_counts_rows_outside_the_reference_jacobian_range():
     policy = Drop(warmup=0, gate_margin=0.0)
     # A reference whose Jacobian term reads 3 nats low: rows above its range get scored and counted.
     policy.calibrate({"jepa_score": s.jepa_score - 3.0, "log_prior": s.log_prior, "log_density": s.log_density})
-    d = policy.decide_batch(score_fn, x, step=0)
+    d = policy.decide_batch(score_fn, x, batch=0)
     lo, hi = policy.jacobian_range
     assert (lo, hi) == (float((s.jepa_score - 3.0).min()), float((s.jepa_score - 3.0).max()))
     j = score_fn(x).jepa_score.double()[~d.scores.isnan()]
@@ -293,7 +293,8 @@ def test_log_prior_needs_no_jacobian_and_jepa_score_cannot_be_gated():
     reference = {"jepa_score": s.jepa_score, "log_prior": s.log_prior, "log_density": s.log_density}
     prior = Drop(warmup=0, score_key="log_prior")
     prior.calibrate(reference)
-    d = prior.decide_batch(SimpleNamespace(score=score_fn, embed=Scorer(enc).embed, log_prior=Scorer(enc).log_prior), x, 0)
+    d = prior.decide_batch(SimpleNamespace(score=score_fn, embed=Scorer(enc).embed, log_prior=Scorer(enc).log_prior,
+                                        sketched=lambda m: None, synchronized=False), x, 0)
     assert calls == [] and d.n_scored == 0
     expected = gaussian_log_prior(enc(x).detach())
     torch.testing.assert_close(d.scores, expected)
@@ -328,9 +329,9 @@ def test_state_dict_round_trip_reproduces_decisions():
         (lambda: Drop(warmup=-1), "warmup"),
         (lambda: Drop(warmup="later"), "warmup"),
         (lambda: Drop(warmup=0, min_keep=0), "min_keep"),
-        (lambda: Drop(warmup=0, every_n_steps=0), "every_n_steps"),
+        (lambda: Drop(warmup=0, every_n_batches=0), "every_n_batches"),
         (lambda: Drop(warmup=0, batch_anomaly=0.7), "batch_anomaly"),
-        (lambda: Drop(warmup=0, gate_budget=-1), "gate_budget"),
+        (lambda: Drop(warmup=0, max_jacobian_rows=-1), "max_jacobian_rows"),
         (lambda: Reweight(warmup=0, temperature=-1.0), "temperature"),
     ],
 )
@@ -346,13 +347,13 @@ def test_drop_defaults_keep_two_rows_and_at_least_half_the_batch():
     assert Drop().warmup == "trust" and Reweight().warmup == "trust"
     policy.calibrate(torch.arange(100.0))  # threshold 4.95
     # Every row below the threshold: the cap keeps the best half, highest scores first.
-    junk = policy.decide_batch(table_scorer(), rows([-9.0, 1.0, 4.0, -3.0, 0.0, -1.0]), step=0)
+    junk = policy.decide_batch(table_scorer(), rows([-9.0, 1.0, 4.0, -3.0, 0.0, -1.0]), batch=0)
     assert junk.keep.tolist() == [False, True, True, False, True, False]
     assert junk.n_capped == 3 and policy.counts["rows_capped"] == 3
     # Two rows in the batch: never cut to one (a BatchNorm head raises on a single row).
-    assert policy.decide_batch(table_scorer(), rows([-9.0, -8.0]), step=1).keep.all()
+    assert policy.decide_batch(table_scorer(), rows([-9.0, -8.0]), batch=1).keep.all()
     # Clean rows: the cap does not act.
-    clean = policy.decide_batch(table_scorer(), rows([50.0, 1.0, 60.0, 70.0]), step=2)
+    clean = policy.decide_batch(table_scorer(), rows([50.0, 1.0, 60.0, 70.0]), batch=2)
     assert clean.keep.tolist() == [True, False, True, True] and clean.n_capped == 0
     with pytest.raises(ValueError, match="max_drop_fraction"):
         Drop(max_drop_fraction=0.0)
@@ -360,12 +361,12 @@ def test_drop_defaults_keep_two_rows_and_at_least_half_the_batch():
 
 def test_stale_threshold_needs_refresh_and_does_not_act():
     policy = Drop(warmup=0, max_threshold_age=100)
-    policy.calibrate(torch.arange(100.0), step=50)
+    policy.calibrate(torch.arange(100.0), batch=50)
     assert policy.is_active(150) and not policy.needs_refresh(150)
     assert policy.needs_refresh(151) and not policy.is_active(151)
-    d = policy.decide_batch(table_scorer(), rows([-9.0, 50.0]), step=151)
+    d = policy.decide_batch(table_scorer(), rows([-9.0, 50.0]), batch=151)
     assert not d.active and d.keep.all()
-    policy.calibrate(torch.arange(100.0), step=151)
+    policy.calibrate(torch.arange(100.0), batch=151)
     assert policy.is_active(151)
     assert not Drop(warmup=0, max_threshold_age=None).needs_refresh(10**9)
 
@@ -376,7 +377,7 @@ def test_policy_protocol_and_not_applied_rows():
     assert isinstance(Drop(), Policy) and isinstance(Reweight(), Policy)
     policy = Drop(warmup=0, max_drop_fraction=1.0)
     policy.calibrate(torch.arange(100.0))
-    policy.decide_batch(table_scorer(), rows([-9.0, 50.0, 60.0]), step=0)
+    policy.decide_batch(table_scorer(), rows([-9.0, 50.0, 60.0]), batch=0)
     assert policy.counts["rows_dropped"] == 1
     policy.record_not_applied(1)
     assert policy.counts["rows_dropped"] == 0 and policy.counts["rows_not_applied"] == 1
@@ -387,7 +388,7 @@ def test_gate_counts_rows_decided_from_the_embedding():
     scorer = Scorer(enc)
     ref, x = _reference_and_batch()
     s = scorer(ref)
-    policy = Drop(warmup=0, gate_budget=5)
+    policy = Drop(warmup=0, max_jacobian_rows=5)
     policy.calibrate(s.components())
     d = policy.decide_batch(scorer, x, 0)
     assert d.n_gated + d.n_scored + d.n_estimated == x.shape[0] and d.n_gated > 0
@@ -439,7 +440,7 @@ def test_embedding_scores_need_no_jacobian_and_match_brute_force(key):
     calls = []
     identity = nn.Identity()
     scorer = SimpleNamespace(score=lambda rows: calls.append(rows.shape[0]), embed=Scorer(identity).embed,
-                             log_prior=Scorer(identity).log_prior)
+                             log_prior=Scorer(identity).log_prior, sketched=lambda m: None, synchronized=False)
     policy = Drop(warmup=0, score_key=key, max_drop_fraction=1.0)
     with pytest.raises(KeyError, match="embedding"):
         policy.calibrate({"log_density": torch.zeros(3)})
@@ -515,3 +516,16 @@ def test_sketched_rows_are_mapped_onto_the_exact_level_and_decide_like_exact_sco
                                rtol=1e-5, atol=1e-4)
     assert float(spearman(ds.scores.double(), de.scores.double())) > 0.9
     assert (ds.keep == de.keep).float().mean() >= 0.85
+
+
+def test_drop_and_reweight_show_every_shared_option_with_its_default():
+    import inspect
+
+    from jepa_monitor.policies import ThresholdPolicy
+
+    shared = inspect.signature(ThresholdPolicy).parameters
+    for policy in (Drop, Reweight):
+        own = inspect.signature(policy).parameters
+        assert all(p.kind is not p.VAR_KEYWORD for p in own.values())
+        assert {name: p.default for name, p in shared.items()} == {name: own[name].default for name in shared}
+    assert Drop(pass_share=0.3, max_jacobian_rows=4, weight_key="w").max_jacobian_rows == 4

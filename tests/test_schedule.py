@@ -1,17 +1,19 @@
 """When the monitor scores: the budget arithmetic on given numbers, and the monitor following its plan."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
+from jepa_monitor.callbacks import Cadence
 from jepa_monitor.callbacks._pacing import CurationPacer
 from jepa_monitor.callbacks._schedule import MIN_HELDOUT_ROWS, MIN_INCOMING_ROWS, TARGET_GAP, WARMUP_BATCHES, Schedule
-from test_callback import TinyModule, monitor, train_loader, trainer
+from test_callback import BASE_CADENCE, TinyModule, monitor, train_loader, trainer
 
 
 def test_gap_keeps_evaluation_cost_within_the_budget():
-    s = Schedule(None, "auto", budget=0.05)
+    s = Schedule(Cadence())
     assert s.propose_gap(1.0) is None  # nothing counted yet
     for rows in (100, 300, 100, 120, 80):  # median training batch: 100 rows, 100 passes
         s.note_batch(rows, 0)
@@ -22,14 +24,14 @@ def test_gap_keeps_evaluation_cost_within_the_budget():
 
 
 def test_evaluations_are_a_share_of_training_passes_curation_included():
-    s = Schedule(None, "auto", budget=0.2)
+    s = Schedule(Cadence(pass_share=0.2))
     for _ in range(WARMUP_BATCHES):
         s.note_batch(100, 20)  # curation (its own budget): 20 passes on every 100-row batch
     assert s.propose_gap(1000) == math.ceil(1000 / (0.2 * 120))
 
 
 def test_early_evaluations_double_their_gap_up_to_the_plan():
-    s = Schedule(None, "auto", budget=0.05)
+    s = Schedule(Cadence())
     batch = 0
     seen = []
     for _ in range(6):
@@ -42,7 +44,7 @@ def test_early_evaluations_double_their_gap_up_to_the_plan():
 
 
 def test_rows_shrink_before_the_gap_grows_past_the_target():
-    s = Schedule(None, "auto", budget=0.05)
+    s = Schedule(Cadence())
     assert s.propose_rows((2000, 128), (200, 16), (128, 16)) is None  # nothing counted yet
     for _ in range(WARMUP_BATCHES):
         s.note_batch(100, 0)  # room: 5 passes of evaluation per batch, 5000 per TARGET_GAP batches
@@ -59,24 +61,23 @@ def test_monitor_scores_fewer_rows_when_evaluations_would_be_rare(tmp_path):
     from test_callback import heldout_loader
 
     torch.manual_seed(0)
-    cb = monitor(every_n_steps=None, budget=1e-6, heldout=heldout_loader(n=200), incoming_every_n_steps="auto",
-                 incoming_max_rows=16)
+    cb = monitor(cadence=replace(BASE_CADENCE, every_n_batches=None, pass_share=1e-6, incoming_every_n_batches="auto", incoming_rows=16), heldout=heldout_loader(n=200))
     trainer(tmp_path, [cb], max_epochs=2).fit(TinyModule(), train_loader())
     assert cb.schedule.rows == (MIN_HELDOUT_ROWS, MIN_INCOMING_ROWS)  # down from (128, 16)
     assert cb._scored_rows["heldout"] == 128  # the fit-start evaluation scored the configured rows
     state = cb.state_dict()["schedule"]
     assert tuple(state["rows"]) == cb.schedule.rows
-    resumed = monitor(every_n_steps=None, budget=1e-6)
+    resumed = monitor(cadence=replace(BASE_CADENCE, every_n_batches=None, pass_share=1e-6))
     resumed.load_state_dict(cb.state_dict())
     assert resumed.schedule.rows == cb.schedule.rows
 
 
-def _paced_run(pacer, batches, batch_rows=128, passes_per_row=16, gate_budget=16):
-    """Simulated curation: every batch may score its undecided rows (at most gate_budget) within the
+def _paced_run(pacer, batches, batch_rows=128, passes_per_row=16, max_jacobian_rows=16):
+    """Simulated curation: every batch may score its undecided rows (at most max_jacobian_rows) within the
     pacer's cap; returns the rows of every batch."""
     rows = []
     for _ in range(batches):
-        r = min(pacer.max_rows(batch_rows, passes_per_row), gate_budget)
+        r = min(pacer.max_rows(batch_rows, passes_per_row), max_jacobian_rows)
         pacer.spent(batch_rows, r, passes_per_row)
         rows.append(r)
     return rows
@@ -100,7 +101,7 @@ def test_pacer_keeps_curation_within_its_share_of_the_training_batch():
     assert _paced_run(CurationPacer(0.2), 400) == rows
     # A cap below one row's cost still allows one row per burst.
     assert set(_paced_run(CurationPacer(0.01), 200)) <= {0, 1}
-    with pytest.raises(ValueError, match="curation_budget"):
+    with pytest.raises(ValueError, match="pass_share"):
         CurationPacer(0.0)
     resumed = CurationPacer(0.2)
     resumed.load_state_dict(pacer.state_dict())
@@ -108,24 +109,24 @@ def test_pacer_keeps_curation_within_its_share_of_the_training_batch():
 
 
 def test_fixed_cadence_and_incoming_modes():
-    fixed = Schedule(10, 3, budget=0.05)
+    fixed = Schedule(Cadence(every_n_batches=10, incoming_every_n_batches=3))
     assert not fixed.budgeted and [b for b in range(25) if fixed.heldout_due(b)] == [0, 10, 20]
     assert [b for b in range(10) if fixed.incoming_due(b, latest_heldout_batch=0)] == [0, 3, 6, 9]
-    auto = Schedule(None, "auto", budget=0.05)
+    auto = Schedule(Cadence())
     assert auto.incoming_due(7, latest_heldout_batch=7) and not auto.incoming_due(8, latest_heldout_batch=7)
-    assert not Schedule(10, None, budget=None).incoming_due(0, 0)
+    assert not Schedule(Cadence(every_n_batches=10, incoming_every_n_batches=None, pass_share=None)).incoming_due(0, 0)
     assert not auto.needs_plan() and not auto.heldout_due(10 ** 6)  # no plan before batches are timed
-    with pytest.raises(ValueError, match="budget"):
-        Schedule(None, "auto", budget=1.5)
-    with pytest.raises(ValueError, match="every_n_steps"):
-        Schedule(None, "auto", budget=None)
-    with pytest.raises(ValueError, match="incoming_every_n_steps"):
-        Schedule(None, 0, budget=0.05)
+    with pytest.raises(ValueError, match="pass_share"):
+        Cadence(pass_share=1.5)
+    with pytest.raises(ValueError, match="every_n_batches"):
+        Cadence(pass_share=None)
+    with pytest.raises(ValueError, match="incoming_every_n_batches"):
+        Cadence(incoming_every_n_batches=0)
 
 
 def test_monitor_follows_its_budget_plan(tmp_path):
     torch.manual_seed(0)
-    cb = monitor(every_n_steps=None, budget=0.5, incoming_every_n_steps="auto")
+    cb = monitor(cadence=replace(BASE_CADENCE, every_n_batches=None, pass_share=0.5, incoming_every_n_batches="auto"))
     trainer(tmp_path, [cb], max_epochs=4).fit(TinyModule(), train_loader())
     held = [h["batch"] for h in cb.history if h["split"] == "heldout"]
     incoming = [h["batch"] for h in cb.history if h["split"] == "incoming"]

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from jepa_monitor import Scorer, score_samples
-from jepa_monitor.callbacks import JEPAScoreMonitor
+from jepa_monitor.callbacks import Cadence, JEPAScoreMonitor
 
 VOCAB, E, H, MAX_LEN = 50, 16, 8, 32
 PAD = 0
@@ -253,10 +253,8 @@ def test_monitor_scores_token_batches_with_the_attention_mask(tmp_path):
         heldout=DataLoader(heldout, batch_size=4, shuffle=False),
         input_key="input_ids",
         encoder_kwargs_keys=("attention_mask",),
-        score_options={"input_module": "model.word_embeddings"},
-        every_n_steps=2,
-        incoming_every_n_steps=1,
-        incoming_max_rows=4,
+        cadence=Cadence(every_n_batches=2, incoming_every_n_batches=1, incoming_rows=4),
+        scorer=Scorer(input_module="model.word_embeddings"),
         reading="isotropic",  # compared with direct scoring, which reads N(0, I)
     )
     trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from jepa_monitor.callbacks import JEPAScoreMonitor
+from jepa_monitor.callbacks import JEPAScoreMonitor, Outputs
 from jepa_monitor.policies import Drop
 
 D, K = 32, 80
@@ -36,8 +36,8 @@ def test_sketched_rows_inside_the_monitor(tmp_path):
     heldout = torch.randn(4 * K, D, generator=g)
     stream = [{"x": torch.cat([torch.randn(28, D, generator=g), 6 * torch.randn(4, D, generator=g)]),
                "id": torch.arange(32) + 32 * i} for i in range(12)]
-    policy = Drop(warmup=0, gate_budget=None, curation_budget=None)  # every undecided row, sketched
-    cb = JEPAScoreMonitor("encoder", heldout=heldout, input_key="x", id_key="id", policy=policy, export=False)
+    policy = Drop(warmup=0, max_jacobian_rows=None, pass_share=None)  # every undecided row, sketched
+    cb = JEPAScoreMonitor("encoder", heldout=heldout, input_key="x", id_key="id", policy=policy, outputs=Outputs(export=False))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,

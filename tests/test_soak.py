@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from jepa_monitor.callbacks import JEPAScoreMonitor
+from jepa_monitor.callbacks import Cadence, JEPAScoreMonitor
 from jepa_monitor.export import read_scores
 from jepa_monitor.policies import Drop
 
@@ -60,8 +60,7 @@ def test_long_dense_run_is_stable(tmp_path):
     steps, every, incoming_every = 3000, 50, 5
     monitor = JEPAScoreMonitor(
         encoder="encoder", heldout=torch.randn(128, D, generator=torch.Generator().manual_seed(1)),
-        input_key="x", id_key="id", every_n_steps=every, incoming_every_n_steps=incoming_every,
-        policy=Drop(quantile=0.05, warmup=0), max_failures=1,
+        input_key="x", id_key="id", cadence=Cadence(every_n_batches=every, incoming_every_n_batches=incoming_every), policy=Drop(quantile=0.05, warmup=0), max_failures=1,
     )
     model = Module()
     trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from jepa_monitor.callbacks import JEPAScoreMonitor
+from jepa_monitor.callbacks import JEPAScoreMonitor, Outputs
 
 K = 256
 
@@ -47,7 +47,7 @@ def trust_at_fit_start(kind: str, heldout_rows: int, tmp_path, reading: str = "f
     g = torch.Generator().manual_seed(0)
     a = torch.randn(K, K, generator=g) / math.sqrt(K) + torch.eye(K)
     x = torch.randn(heldout_rows, K, generator=g) @ a.T
-    monitor = JEPAScoreMonitor("encoder", heldout=x, export=False, reading=reading)  # the defaults otherwise
+    monitor = JEPAScoreMonitor("encoder", heldout=x, outputs=Outputs(export=False), reading=reading)  # the defaults otherwise
     trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, callbacks=[monitor],
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     with warnings.catch_warnings():

@@ -51,7 +51,7 @@ class DemoConfig:
     seed: int = 0
     progress: bool = True
     threads: Optional[int] = None
-    curation_budget: Optional[float] = 0.2  # the policy's default
+    pass_share: Optional[float] = 0.2  # the policy's default
 
 
 @dataclass
@@ -80,12 +80,12 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def make_policy(quantile: float, curation_budget: Optional[float] = 0.2):
+def make_policy(quantile: float, pass_share: Optional[float] = 0.2):
     """The curation policy of the filtered run: ``Drop`` with its defaults, rows below the held-out
-    ``quantile`` (acting once trust has passed), its Jacobian rows paced to ``curation_budget``."""
+    ``quantile`` (acting once trust has passed), its Jacobian rows paced to ``pass_share``."""
     from ..policies import Drop
 
-    return Drop(quantile=quantile, curation_budget=curation_budget)
+    return Drop(quantile=quantile, pass_share=pass_share)
 
 
 def train(
@@ -101,7 +101,7 @@ def train(
     import lightning as L
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from ..callbacks import JEPAScoreMonitor
+    from ..callbacks import Cadence, JEPAScoreMonitor
     from .lit import DigitJEPA
 
     reference = normalise(splits.reference[0])
@@ -111,7 +111,7 @@ def train(
         input_key="x",
         id_key="id",
         policy=policy,
-        seed=config.seed,
+        cadence=Cadence(seed=config.seed),
     )
     torch.manual_seed(config.seed)
     module = DigitJEPA(seed=config.seed)
@@ -233,8 +233,8 @@ def run_demo(config: DemoConfig) -> DemoResult:
     """Both runs, the evaluation and the result (printing is :func:`format_summary`'s job)."""
     if config.steps < 1:
         raise DemoError(f"--steps must be at least 1; got {config.steps}.")
-    if config.curation_budget is not None and not config.curation_budget > 0:
-        raise DemoError(f"--curation-budget must be a positive share or 'none'; got {config.curation_budget}.")
+    if config.pass_share is not None and not config.pass_share > 0:
+        raise DemoError(f"--pass-share must be a positive share or 'none'; got {config.pass_share}.")
     if config.batch_size < 2:
         raise DemoError(f"--batch-size must be at least 2 (SIGReg is a batch statistic); got {config.batch_size}.")
     device = resolve_device(config.device)
@@ -253,7 +253,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
     seconds: Dict[str, float] = {}
     probe: Dict[str, float] = {}
 
-    policy = make_policy(config.quantile, config.curation_budget) if config.filter else None
+    policy = make_policy(config.quantile, config.pass_share) if config.filter else None
     version = "filtered" if config.filter else "unfiltered"
     module, seconds[version], alerts = train(config, splits, stream, device=device, policy=policy, version=version)
     encoder = module.encoder.to(device).eval()
@@ -280,7 +280,7 @@ def format_summary(result: DemoResult) -> str:
     cfg = result.config
     lines = [
         f"jepa-monitor demo: {cfg.steps} steps x {cfg.batch_size} rows, "
-        f"novel class arrives at step {cfg.steps // 2}, curation_budget={cfg.curation_budget}",
+        f"novel class arrives at step {cfg.steps // 2}, pass_share={cfg.pass_share}",
         "",
         "AUROC, clean test digits vs each kind (1.0 = perfectly separated, 0.5 = chance);",
         "iso_density / fit_density: log_density read through N(0, I) / through the reference's Gaussian:",
@@ -302,7 +302,7 @@ def format_summary(result: DemoResult) -> str:
     c = result.policy_counts
     if c.get("rows_seen"):
         lines.append(f"  Decided rows: {int(c['rows_scored'])} with their Jacobian, {int(c['rows_gated'])} exactly from the "
-                     f"embedding, {int(c['rows_estimated'])} from an estimate (curation_budget={cfg.curation_budget}); "
+                     f"embedding, {int(c['rows_estimated'])} from an estimate (pass_share={cfg.pass_share}); "
                      f"{int(c['rows_seen'] - c['rows_scored'] - c['rows_gated'] - c['rows_estimated'])} while the "
                      "policy was inactive (warm-up)")
     if cfg.filter and result.quarters:
