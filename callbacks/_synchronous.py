@@ -25,6 +25,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
+from jepa_monitor.batches import is_per_sample
 from jepa_monitor.scorer import Scorer
 from jepa_monitor.sample_scores import SampleScores
 
@@ -90,7 +91,7 @@ class SynchronousScorer:
         xs = torch.cat([x, fx.expand(pad, *fx.shape[1:])])
         padded = {}
         for k, v in side.items():
-            if isinstance(v, torch.Tensor) and v.ndim >= 1 and v.shape[0] == n:
+            if is_per_sample(v, n):
                 fv = self.filler_side[k].to(v.device, v.dtype) if n == 0 else v[-1:]
                 v = torch.cat([v, fv.expand(pad, *fv.shape[1:])])
             padded[k] = v

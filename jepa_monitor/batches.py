@@ -298,13 +298,16 @@ def _warn_once(key: tuple, message: str, stacklevel: int = 3) -> None:
         warnings.warn(message, UneditableBatchWarning, stacklevel=stacklevel)
 
 
-def _batch_tensor(v: Any, n: int) -> bool:
+def is_per_sample(v: Any, n: int) -> bool:
+    """``v`` holds one entry per row of an n-row batch: a tensor whose first dimension is n. The one
+    test every slicer uses (micro-batches, curation's edits, rank-synchronous padding). Known
+    ambiguity: a shared tensor whose first dimension happens to equal n counts too."""
     return isinstance(v, torch.Tensor) and v.ndim >= 1 and v.shape[0] == n
 
 
 def _holds_rows(v: Any, n: int, depth: int = 0) -> bool:
     """Whether ``v`` is, or contains, a B-row tensor (a view of the batch, not one sample)."""
-    if _batch_tensor(v, n):
+    if is_per_sample(v, n):
         return True
     if depth > 16:
         return False
@@ -327,7 +330,7 @@ def _blocker(v: Any, n: int, path: Path, rebindable: bool, holder: str = "") -> 
 
     ``rebindable``: whether whoever holds ``v`` can replace it (a dict value, a list item, an item
     of a tuple that is itself rebuilt)."""
-    if _batch_tensor(v, n):
+    if is_per_sample(v, n):
         return None if rebindable else (path, f"a tensor of shape {tuple(v.shape)}", holder)
     if _per_sample_sequence(v, n):
         # A list can be sliced in place; a tuple must be rebuilt, so its holder must rebind it.
@@ -370,7 +373,7 @@ class _Editor:
 
     def _edit(self, v: Any) -> Any:
         n = self.n
-        if _batch_tensor(v, n):
+        if is_per_sample(v, n):
             return v[self.index.to(v.device)]
         if _per_sample_sequence(v, n):
             kept = [v[i] for i in self.rows]

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ._guards import scoring_context
+from .batches import is_per_sample
 from .approx import slq_chunk
 from .jacobian import Vectorize, differentiation_point, embedding_and_gram, full_jacobian_bytes
 from .logdet import PAPER_ABS_FLOOR, half_logdet
@@ -42,7 +43,7 @@ def side_rows(side: Mapping[str, Any], n: int, rows: Any) -> Dict[str, Any]:
     ambiguity: a shared side tensor whose first dimension happens to equal n is sliced too."""
     out = {}
     for k, v in side.items():
-        if isinstance(v, torch.Tensor) and v.ndim >= 1 and v.shape[0] == n:
+        if is_per_sample(v, n):
             v = v[rows.to(v.device) if isinstance(rows, torch.Tensor) else rows]
         out[k] = v
     return out
