@@ -267,7 +267,7 @@ def test_a_checkpoint_of_the_previous_release_resumes():
     cb = JEPAScoreMonitor("encoder", heldout=held, input_key="x", id_key="id", cadence=Cadence(every_n_batches=2), outputs=Outputs(export=False), policy=policy,
                           )
     cb.load_state_dict(old)
-    assert cb._batches == 6 and cb.history == old["history"]
+    assert cb.state_dict()["batches"] == 6 and cb.history == old["history"]
     assert policy.threshold == old["policy"]["threshold"] and policy.counts["rows_seen"] == old["policy"]["counts"]["rows_seen"]
     assert policy.counts["rows_sketched"] == 0 and policy.sketch_level is None
 
@@ -288,7 +288,7 @@ def test_a_checkpoint_of_the_previous_release_resumes():
         warnings.simplefilter("ignore")
         lpl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                     enable_model_summary=False, callbacks=[cb]).fit(M(), DataLoader(data, batch_size=None))
-    assert cb._batches == 10 and cb.failures.total == 0 and policy.counts["rows_seen"] > old["policy"]["counts"]["rows_seen"]
+    assert cb.state_dict()["batches"] == 10 and cb.failures.total == 0 and policy.counts["rows_seen"] > old["policy"]["counts"]["rows_seen"]
     assert cb.state_dict()["version"] == 3
     with pytest.raises(ValueError, match="version 4 cannot be read"):
         cb.load_state_dict(dict(cb.state_dict(), version=4))

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from jepa_monitor.callbacks import Cadence
+from jepa_monitor.export import read_scores
 from jepa_monitor.callbacks._pacing import CurationPacer
 from jepa_monitor.callbacks._schedule import MIN_HELDOUT_ROWS, MIN_INCOMING_ROWS, TARGET_GAP, WARMUP_BATCHES, Schedule
 from test_callback import BASE_CADENCE, TinyModule, monitor, train_loader, trainer
@@ -64,7 +65,9 @@ def test_monitor_scores_fewer_rows_when_evaluations_would_be_rare(tmp_path):
     cb = monitor(cadence=replace(BASE_CADENCE, every_n_batches=None, pass_share=1e-6, incoming_every_n_batches="auto", incoming_rows=16), heldout=heldout_loader(n=200))
     trainer(tmp_path, [cb], max_epochs=2).fit(TinyModule(), train_loader())
     assert cb.schedule.rows == (MIN_HELDOUT_ROWS, MIN_INCOMING_ROWS)  # down from (128, 16)
-    assert cb._scored_rows["heldout"] == 128  # the fit-start evaluation scored the configured rows
+    exported = read_scores(cb.export_file)
+    first = (exported["split"] == "heldout") & (exported["step"] == 0)
+    assert int(first.sum()) == 128  # the fit-start evaluation scored the configured rows
     state = cb.state_dict()["schedule"]
     assert tuple(state["rows"]) == cb.schedule.rows
     resumed = monitor(cadence=replace(BASE_CADENCE, every_n_batches=None, pass_share=1e-6))

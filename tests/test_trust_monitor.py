@@ -2,12 +2,15 @@
 width (K = 256): one that maps its data exactly onto N(0, I) reads trusted; an L2-normalised and a
 low-rank one read untrusted; too few held-out rows read unknown, never trusted."""
 
+import csv
 import math
+import os
 import warnings
 
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from jepa_monitor.callbacks import JEPAScoreMonitor, Outputs
@@ -48,12 +51,16 @@ def trust_at_fit_start(kind: str, heldout_rows: int, tmp_path, reading: str = "f
     a = torch.randn(K, K, generator=g) / math.sqrt(K) + torch.eye(K)
     x = torch.randn(heldout_rows, K, generator=g) @ a.T
     monitor = JEPAScoreMonitor("encoder", heldout=x, outputs=Outputs(export=False), reading=reading)  # the defaults otherwise
-    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, callbacks=[monitor],
+    logger = CSVLogger(tmp_path, name="csv")
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=logger, enable_checkpointing=False, callbacks=[monitor],
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(Module(Linear(torch.linalg.inv(a), kind)), [x[:2]])
-    assert monitor._data.num_rows == min(heldout_rows, 4 * K)  # 4·K rows embedded for the diagnostics
+    logger.save()
+    with open(os.path.join(logger.log_dir, "metrics.csv")) as f:
+        embedded = {float(r["jepa/trust/n_samples"]) for r in csv.DictReader(f) if r.get("jepa/trust/n_samples")}
+    assert embedded == {float(min(heldout_rows, 4 * K))}  # 4·K rows embedded for the diagnostics
     return monitor.trust
 
 
