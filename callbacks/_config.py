@@ -34,7 +34,7 @@ def check_arguments(*, heldout: Any, encoder: Any, policy: Any, scorer: Any, cad
     if not isinstance(scorer, Scorer) or scorer.encoder is not None:
         raise TypeError("scorer must be a Scorer template without an encoder, e.g. Scorer(vectorize=0, "
                         "input_module='embed_tokens'): the monitor binds the module's encoder (its encoder= argument) "
-                        f"at every measurement; got {scorer!r}.")
+                        f"at every measurement; got {'a Scorer with an encoder' if isinstance(scorer, Scorer) else type(scorer).__name__}.")
     if scorer.prior is not None or scorer.sketch is not None:
         raise ValueError("scorer: leave prior and sketch unset in the monitor's Scorer template: the monitor's "
                          "reading= argument sets the prior, and the policy chooses its sketch (sketch_rows).")

@@ -33,8 +33,18 @@ from ._schedule import Schedule
 from ._synchronous import SynchronousScorer, synchronous_world
 
 
-#: The version of :meth:`JEPAScoreMonitor.state_dict`; 2 (the previous release) is read too.
-STATE_VERSION = 3
+#: The version of :meth:`JEPAScoreMonitor.state_dict`; 2 (the previous release) and 3 are read too.
+STATE_VERSION = 4
+
+
+def _history_entry_v4(entry: Dict[str, Any]) -> Dict[str, Any]:
+    """A history entry of a state before version 4, whose incoming entries held the data-shift KS/W1
+    under ``drift_ks``/``drift_w1``: named ``shift_ks``/``shift_w1`` now."""
+    if entry.get("split") != "incoming" or "drift_ks" not in entry:
+        return dict(entry)
+    out = {k: v for k, v in entry.items() if k not in ("drift_ks", "drift_w1")}
+    out.update(shift_ks=entry["drift_ks"], shift_w1=entry.get("drift_w1"))
+    return out
 
 
 def _message(err: BaseException) -> str:
@@ -267,7 +277,8 @@ class JEPAScoreMonitor(Callback):
             raise ValueError(f"{self._tag}: a checkpoint state of version {version} cannot be read by this release "
                              f"(it reads versions 2 to {STATE_VERSION}).")
         self._batches, self._trust = int(state_dict["batches"]), state_dict["trust"]
-        self._history = list(state_dict["history"])
+        self._history = [_history_entry_v4(h) for h in state_dict["history"]] if version < 4 \
+            else list(state_dict["history"])
         self.clock.load_state_dict(state_dict["clock"])
         self.tracker.load_state_dict(state_dict["tracker"])
         self.schedule.load_state_dict(state_dict["schedule"])

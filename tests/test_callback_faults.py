@@ -264,10 +264,13 @@ def test_a_checkpoint_of_the_previous_release_resumes():
     assert old["version"] == 2 and "prior" not in old and "pacer" not in old
     policy = Drop(warmup=0)
     held = torch.randn(64, 6, generator=torch.Generator().manual_seed(1))
-    cb = JEPAScoreMonitor("encoder", heldout=held, input_key="x", id_key="id", cadence=Cadence(every_n_batches=2), outputs=Outputs(export=False), policy=policy,
-                          )
+    cb = JEPAScoreMonitor("encoder", heldout=held, input_key="x", id_key="id", cadence=Cadence(every_n_batches=2),
+                          outputs=Outputs(export=False), policy=policy)
     cb.load_state_dict(old)
-    assert cb.state_dict()["batches"] == 6 and cb.history == old["history"]
+    assert cb.state_dict()["batches"] == 6 and len(cb.history) == len(old["history"])
+    for new, before in zip(cb.history, old["history"]):  # incoming entries' KS renamed shift_ks (version 4)
+        ks = "shift_ks" if before["split"] == "incoming" else "drift_ks"
+        assert new[ks] == before["drift_ks"] and new["mean"] == before["mean"] and new["batch"] == before["batch"]
     assert policy.threshold == old["policy"]["threshold"] and policy.counts["rows_seen"] == old["policy"]["counts"]["rows_seen"]
     assert policy.counts["rows_sketched"] == 0 and policy.sketch_level is None
 
@@ -289,6 +292,6 @@ def test_a_checkpoint_of_the_previous_release_resumes():
         lpl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                     enable_model_summary=False, callbacks=[cb]).fit(M(), DataLoader(data, batch_size=None))
     assert cb.state_dict()["batches"] == 10 and cb.failures.total == 0 and policy.counts["rows_seen"] > old["policy"]["counts"]["rows_seen"]
-    assert cb.state_dict()["version"] == 3
-    with pytest.raises(ValueError, match="version 4 cannot be read"):
-        cb.load_state_dict(dict(cb.state_dict(), version=4))
+    assert cb.state_dict()["version"] == 4
+    with pytest.raises(ValueError, match="version 5 cannot be read"):
+        cb.load_state_dict(dict(cb.state_dict(), version=5))
