@@ -2,10 +2,13 @@
 
 Everything runs on the demo's data and encoder (:mod:`jepa_monitor.demo`): the shipped 8×8 digits,
 ``make_splits(seed)``, :class:`~jepa_monitor.demo.lit.DigitJEPA` trained by a Lightning Trainer with
-:class:`~jepa_monitor.callbacks.JEPAScoreMonitor` attached exactly as ``jepa-monitor demo`` attaches
-it (held-out set: the whole reference split; held-out evaluation every ``steps // 10`` batches,
-incoming every ``steps // 25``, 32 incoming rows, ``Alerts.component="log_density"``, the monitor's
-default ``Alerts.threshold``; ``--policy`` adds the demo's ``make_policy(0.05, steps // 5)``).
+:class:`~jepa_monitor.callbacks.JEPAScoreMonitor` attached to the demo's module (held-out set: the
+whole reference split, every row scored; held-out evaluation every ``steps // 10`` batches unless
+``--heldout-every``, incoming every ``steps // 25`` unless ``--incoming-every`` (``auto``: right after
+each held-out evaluation, the monitor's default), 32 incoming rows, ``Alerts.component="log_density"``,
+the monitor's default ``Alerts.threshold``; ``--policy`` adds the demo's policy, ``make_policy(0.05)``).
+``jepa-monitor demo`` itself attaches the monitor at its defaults (``Cadence()``: spaced by
+``pass_share``).
 
 1. **False alarms.** A CLEAN stream: rows drawn with replacement from the clean training pool of the
    training classes, no junk and no novel class (``DigitStream(junk_fraction=0, arrival=1)``). A

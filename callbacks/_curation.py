@@ -3,11 +3,11 @@
 No collective call happens here (decisions are local to each rank), so curation faults are counted
 per rank, and the rows it touched are buffered and written at the next held-out evaluation.
 
-Curation scores a few rows at a time (the gate's undecided rows, paced): a scorer left at the
-default ``vectorize=None`` (the row loop on CPU) is switched to ``"auto"`` here, which times the loop,
-batched and replicated rows once per encoder and shape and keeps the fastest
-(``python benchmarks/bench_scorer.py --rows`` compares them). The scores are the same up to float32
-rounding.
+Curation scores a few rows at a time (the gate's undecided rows, paced): a scorer whose
+``vectorize`` is unset (None) takes ``"replicated"`` rows here, a fixed mode with plain batched
+kernels, not ``"auto"``, which picks a mode by timing it and so could make a decision depend on the
+machine's load through float32 rounding (``python benchmarks/bench_scorer.py --rows`` compares the
+modes). An explicit ``vectorize`` is kept.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class Curation:
         ``passes_per_row``: backward passes one Jacobian row costs (K), what the pacing counts."""
         start = time.perf_counter()
         if isinstance(scorer, Scorer) and scorer.vectorize is None:
-            scorer = scorer.replace(vectorize="auto")  # module docstring
+            scorer = scorer.replace(vectorize="replicated")  # module docstring
         try:
             x = get_input(batch, self.input_key)
             cap = None if self.pacer is None else self.pacer.max_rows(x.shape[0], passes_per_row)
