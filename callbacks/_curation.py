@@ -12,7 +12,6 @@ modes). An explicit ``vectorize`` is kept.
 
 from __future__ import annotations
 
-import time
 import warnings
 from typing import Any, Dict, List, Mapping, Optional
 
@@ -26,6 +25,13 @@ from jepa_monitor.sample_scores import COMPONENTS
 from ._failures import FailureCounter
 from ._heldout import side_inputs
 from ._pacing import CurationPacer
+
+
+def curation_scorer(scorer: Any) -> Any:
+    """``scorer`` as curation uses it: an unset ``vectorize`` becomes ``"replicated"`` (module docstring)."""
+    if isinstance(scorer, Scorer) and scorer.vectorize is None:
+        return scorer.replace(vectorize="replicated")
+    return scorer
 
 
 class Curation:
@@ -43,12 +49,9 @@ class Curation:
 
     def curate(self, scorer: Any, batch: Any, *, batch_index: int, step: int,
                trust: Optional[float], passes_per_row: int) -> Optional[Dict[str, Any]]:
-        """Decide for ``batch`` and edit it in place; returns what to log (None: nothing decided).
-        Seconds spent are in the result's ``seconds`` (reported, never used to decide).
+        """Decide for ``batch`` and edit it in place; returns what to log (no ``decision`` when the
+        policy failed on it).
         ``passes_per_row``: backward passes one Jacobian row costs (K), what the pacing counts."""
-        start = time.perf_counter()
-        if isinstance(scorer, Scorer) and scorer.vectorize is None:
-            scorer = scorer.replace(vectorize="replicated")  # module docstring
         try:
             x = get_input(batch, self.input_key)
             cap = None if self.pacer is None else self.pacer.max_rows(x.shape[0], passes_per_row)
@@ -58,7 +61,7 @@ class Curation:
                 decision = self.policy.decide_batch(scorer, x, batch_index, trust, side=side, max_scored=cap)
         except Exception as err:
             self.failures.failed(f"{batch_index}", err)
-            return {"seconds": time.perf_counter() - start}
+            return {}
         self.failures.succeeded()
         n_estimated, n = int(decision.n_estimated), int(decision.keep.numel())
         if 4 * n_estimated > 3 * n and decision.n_gated == 0 and not self.warned_estimate:
@@ -95,10 +98,9 @@ class Curation:
                 "kept": keep[sel].int().tolist(),
                 "weight": weight[sel].tolist(),
             })
-        seconds = time.perf_counter() - start
         if self.pacer is not None and decision.active:
             self.pacer.spent(n, int(decision.n_scored), passes_per_row)
-        return {"seconds": seconds, "keep": keep, "weight": weight, "decision": decision}
+        return {"keep": keep, "weight": weight, "decision": decision}
 
     def charge(self, passes: int) -> None:
         """Curation work outside a decision (a refresh of the reference) spent ``passes``."""

@@ -3,32 +3,41 @@
 A Gaussian fitted to the held-out embeddings reads rows through their low-variance directions, and a
 training encoder moves: a few dozen batches later the old Gaussian reads clean rows as atypical and
 the policy drops them. Between two held-out evaluations the monitor therefore *refreshes* the
-reading: one embedding pass of the held-out rows (the Gaussian is fitted again, each reference row's
-prior cross-fitted) and the Jacobian of :data:`REFRESH_ROWS` reference rows (rotating through them),
-whose median change moves the Jacobian term of every reference row (a paired difference: a training
-encoder's Jacobian term moves mostly in common). The policy is recalibrated with the re-read reference.
+reading: one embedding pass of the held-out rows, the Gaussian fitted again and each reference row's
+prior cross-fitted; the policy is recalibrated with the re-read reference.
 
-How often is decided by the data, never by a clock: at each refresh the reference rows' fresh
-embeddings are also read through the *previous* Gaussian, and ``stale_drop``, the share of them below
-the :data:`STALE_QUANTILE`-quantile of the same rows as that Gaussian read them when it was fitted,
-says what the encoder's move in the gap did to clean rows. Both readings are in-sample (the rows were
-in the previous fit), so the fit's optimism cancels: without a move ``stale_drop`` is the quantile
-itself. Above twice the quantile the gap halves
-(down to 1 batch); below 1.5 times it the gap doubles (up to :data:`MAX_GAP`): early in training the
-reading is refreshed every few batches, later rarely. No Lightning import.
+The reference's Jacobian term is not re-scored at a refresh. A training encoder's Jacobian term moves
+mostly in common, and a common move c shifts the threshold, the gate's range and the estimate's
+median Jacobian term all by c: every row decided from its embedding, by the gate or by the estimate,
+gets the same decision either way. Only a row scored with its own Jacobian compares a current value
+with the reference's level. So the level is measured lazily, when curation scores rows with the
+Jacobian (:class:`OnReferenceLevel`), at most once per refresh: :data:`REFRESH_ROWS` reference rows
+(rotating through them) are scored again, and the median of their paired changes since the held-out
+evaluation is subtracted from the rows' scores, which are thereby read on the reference's level. In a
+run whose credit rarely pays for a Jacobian row this costs nearly nothing.
+
+How often to refresh is decided by the data, never by a clock: at each refresh the reference rows'
+fresh embeddings are also read through the *previous* Gaussian, and ``stale_drop``, the share of them
+below the :data:`STALE_QUANTILE`-quantile of the same rows as that Gaussian read them when it was
+fitted, says what the encoder's move in the gap did to clean rows. Both readings are in-sample (the
+rows were in the previous fit) and share the rows' Jacobian terms, so the fit's optimism cancels:
+without a move ``stale_drop`` is the quantile itself. Above twice the quantile the gap halves (down to
+1 batch); below 1.5 times it the gap doubles (up to :data:`MAX_GAP`): early in training the reading
+is refreshed every few batches, later rarely. No Lightning import.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
 from jepa_monitor.reading import cross_fitted_log_prior, fit_reading
+from jepa_monitor.sample_scores import SampleScores
 from jepa_monitor.statistics import quantiles
 from jepa_monitor.whitening import Whitening
 
-#: Reference rows scored again with the Jacobian at each refresh.
+#: Reference rows scored again with the Jacobian when the reference's level is measured.
 REFRESH_ROWS = 8
 #: The quantile of the previous reference that ``stale_drop`` counts fresh rows below.
 STALE_QUANTILE = 0.05
@@ -36,20 +45,18 @@ STALE_QUANTILE = 0.05
 MAX_GAP = 128
 
 
-def refresh_cost(embedded_rows: int, jacobian_rows: int, embed_dim: Optional[int]) -> int:
-    """Backward passes of one sample a refresh costs: one per embedded row (a forward pass, counted
-    as one), K per Jacobian row."""
-    return int(embedded_rows) + int(jacobian_rows) * int(embed_dim or 1)
-
-
 class ReadingRefresh:
-    """The policy's reference between held-out evaluations: its Jacobian term, its log_density as last
-    read, and when to read it again."""
+    """The policy's reference between held-out evaluations: its Jacobian columns as the evaluation
+    scored them, their level measured since, its log_density as last read, and when to read it again."""
 
     def __init__(self) -> None:
-        # (n,) float64 per Jacobian column of the reference rows: "jepa_score", and "sketch_score"
-        # when the policy scores with a sketch (each moved by its own median change).
+        # (n,) float64 per Jacobian column of the reference rows, as the held-out evaluation scored
+        # them: "jepa_score", and "sketch_score" when the policy scores with a sketch.
         self.columns: Dict[str, torch.Tensor] = {}
+        # Per column: the median paired change of re-scored reference rows since the evaluation (the
+        # reference's level), and the columns whose level predates the latest refresh.
+        self.shift: Dict[str, float] = {}
+        self.level_due: set = set()
         # (n,) float64: the reference rows' log_density through the Gaussian in use, which was fitted
         # with them (in-sample; ``stale_drop`` compares against it, like with like).
         self.inside: Optional[torch.Tensor] = None
@@ -64,6 +71,8 @@ class ReadingRefresh:
         when a sketch is in use); ``gaussian`` is the reading fitted to those embeddings (None under
         the isotropic reading, which is never refreshed)."""
         self.columns = {c: scores[c].double().cpu().clone() for c in ("jepa_score", "sketch_score") if c in scores}
+        self.shift = {c: 0.0 for c in self.columns}
+        self.level_due = set()
         self.inside = None if gaussian is None else self._read(gaussian, scores["embedding"])
         self.last = batch
 
@@ -79,26 +88,19 @@ class ReadingRefresh:
         return self.jepa is not None and batch - self.last >= self.gap
 
     def rows(self) -> torch.Tensor:
-        """The reference rows to score again at this refresh (rotating)."""
+        """The reference rows to score again at the next level measurement (rotating)."""
         n = self.jepa.shape[0]
         if n <= REFRESH_ROWS:
             return torch.arange(n)
         return (torch.arange(REFRESH_ROWS) + self.count * REFRESH_ROWS) % n
 
-    def update(self, batch: int, rows: torch.Tensor, again: Dict[str, torch.Tensor], z: torch.Tensor,
-               previous: Optional[Whitening]) -> Tuple[Dict[str, torch.Tensor], Whitening]:
-        """Fold in a refresh at ``batch``: ``again`` the new Jacobian columns of ``rows`` (the keys of
-        :meth:`reset`), ``z`` the fresh embeddings of every held-out row (the reference rows first),
-        ``previous`` the reading in use. Returns the re-read reference (``jepa_score``, ``log_prior``,
-        ``log_density``, ``embedding``, and ``sketch_score`` if kept) and the new Gaussian; raises
-        (ValueError) when no Gaussian can be fitted."""
-        n = self.jepa.shape[0]
+    def update(self, batch: int, z: torch.Tensor, previous: Optional[Whitening]) -> Tuple[Dict[str, torch.Tensor], Whitening]:
+        """Fold in a refresh at ``batch``: ``z`` the fresh embeddings of every held-out row (the
+        reference rows first), ``previous`` the reading in use. Returns the re-read reference
+        (the Jacobian columns as evaluated, ``log_prior``, ``log_density``, ``embedding``) and the new
+        Gaussian; raises (ValueError) when no Gaussian can be fitted. The level is due again."""
         gaussian = fit_reading(z)
-        prior = cross_fitted_log_prior(z, n).cpu()
-        for name, column in self.columns.items():
-            moved = again[name].double().cpu() - column[rows]
-            moved = moved[torch.isfinite(moved)]
-            self.columns[name] = column + (float(moved.median()) if moved.numel() else 0.0)
+        prior = cross_fitted_log_prior(z, self.jepa.shape[0]).cpu()
         if previous is not None and self.inside is not None:
             cut = float(quantiles(self.inside, [STALE_QUANTILE])[0])
             self.stale_drop = float((self._read(previous, z) < cut).double().mean())
@@ -107,17 +109,79 @@ class ReadingRefresh:
             elif self.stale_drop < 1.5 * STALE_QUANTILE:
                 self.gap = min(MAX_GAP, self.gap * 2)
         self.inside = self._read(gaussian, z)
-        self.last, self.count = batch, self.count + 1
+        self.last = batch
+        self.level_due = set(self.columns)
         reference = {name: column.float() for name, column in self.columns.items()}
         reference.update(log_prior=prior.float(), log_density=(self.jepa + prior).float(), embedding=z)
         return reference, gaussian
 
+    def level(self, column: str, rescore: Callable[[torch.Tensor], torch.Tensor]) -> Tuple[float, int]:
+        """The reference's level of ``column`` now: measured when due (``rescore(rows)`` gives the
+        column's current values of those reference rows), else the last measurement. Returns the
+        shift and the rows re-scored for it (0 when not due)."""
+        if column not in self.level_due:
+            return self.shift.get(column, 0.0), 0
+        rows = self.rows()
+        moved = rescore(rows).double().cpu() - self.columns[column][rows]
+        moved = moved[torch.isfinite(moved)]
+        if moved.numel():
+            self.shift[column] = float(moved.median())
+        self.level_due.discard(column)
+        self.count += 1
+        return self.shift[column], int(rows.numel())
+
     def state_dict(self) -> Dict[str, Any]:
-        return {"columns": dict(self.columns), "inside": self.inside, "gap": self.gap, "last": self.last,
-                "count": self.count, "stale_drop": self.stale_drop}
+        return {"columns": dict(self.columns), "shift": dict(self.shift), "level_due": sorted(self.level_due),
+                "inside": self.inside, "gap": self.gap, "last": self.last, "count": self.count,
+                "stale_drop": self.stale_drop}
 
     def load_state_dict(self, state: Optional[Dict[str, Any]]) -> None:
         if state:  # absent from checkpoints of releases without a fitted reading
             self.columns, self.inside = dict(state["columns"]), state.get("inside")
             self.gap, self.last, self.count = int(state["gap"]), int(state["last"]), int(state["count"])
             self.stale_drop = float(state["stale_drop"])
+            # Checkpoints whose refresh moved the columns eagerly hold no shift: their columns are
+            # on the level of their last refresh, measured again before the next Jacobian row.
+            self.shift = dict(state.get("shift", {c: 0.0 for c in self.columns}))
+            self.level_due = set(state.get("level_due", self.columns))
+
+
+class OnReferenceLevel:
+    """The curation scorer (a :class:`~jepa_monitor.scorer.RowScorer`) with Jacobian scores read on
+    the level of the policy's reference: ``jepa_score`` and ``log_density`` of every scored row minus
+    the reference's shift (:meth:`ReadingRefresh.level`), measured here when due. ``reference_rows``
+    gives the encoder's inputs of reference rows (``x, side``); ``charge(passes)`` pays for the
+    measurement; ``passes_per_row`` is what one of its rows costs."""
+
+    def __init__(self, scorer: Any, refresh: ReadingRefresh, reference_rows: Callable[[torch.Tensor], Tuple[Any, Dict]],
+                 charge: Callable[[int], None], passes_per_row: int, column: str = "jepa_score") -> None:
+        self.scorer, self.refresh, self.reference_rows = scorer, refresh, reference_rows
+        self.charge, self.passes_per_row, self.column = charge, passes_per_row, column
+
+    @property
+    def synchronized(self) -> bool:
+        return self.scorer.synchronized
+
+    def embed(self, x: torch.Tensor, **side: Any) -> torch.Tensor:
+        return self.scorer.embed(x, **side)
+
+    def log_prior(self, z: torch.Tensor) -> torch.Tensor:
+        return self.scorer.log_prior(z)
+
+    def sketched(self, m: int) -> "OnReferenceLevel":
+        return OnReferenceLevel(self.scorer.sketched(m), self.refresh, self.reference_rows, self.charge, m,
+                                "sketch_score")
+
+    def _rescore(self, rows: torch.Tensor) -> torch.Tensor:
+        x, side = self.reference_rows(rows)
+        return self.scorer.score(x, **side).jepa_score
+
+    def score(self, x: torch.Tensor, **side: Any) -> SampleScores:
+        shift, rescored = self.refresh.level(self.column, self._rescore)
+        if rescored:
+            self.charge(rescored * self.passes_per_row)
+        s = self.scorer.score(x, **side)
+        if shift == 0.0:
+            return s
+        return SampleScores(s.jepa_score - shift, s.log_prior, s.log_density - shift, s.n_floored, s.embedding,
+                            s.input_dim, s.method)

@@ -7,6 +7,7 @@ The callback schedules, gathers, logs and decides; every number comes from the c
 from __future__ import annotations
 
 import os
+import time
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import torch
@@ -22,11 +23,11 @@ from jepa_monitor.whitening import Whitening
 
 from ._clock import MonitorClock
 from ._config import build_scorer, check_arguments, check_batch, read_heldout
-from ._curation import Curation
+from ._curation import Curation, curation_scorer
 from ._distributed import compute_and_gather, gather_objects
 from ._failures import FailureCounter
 from ._heldout import HeldoutSet, pick_rows, side_inputs
-from ._refresh import ReadingRefresh, refresh_cost
+from ._refresh import OnReferenceLevel, ReadingRefresh
 from ._reporting import Reporter
 from ._options import Alerts, Cadence, Outputs
 from ._schedule import Schedule
@@ -73,7 +74,9 @@ class JEPAScoreMonitor(Callback):
     (:mod:`jepa_monitor.reading`); ``jepa_score`` is the paper's, whatever the reading.
     ``reading="isotropic"`` reads N(0, I), as the paper does. Trust judges the reading in use. With
     a policy, the reference it is calibrated on is read again between evaluations, as often as the
-    encoder's moves require (``callbacks/_refresh.py``). Everything that decides what is curated
+    encoder's moves require (``callbacks/_refresh.py``), and a row curation scores with its Jacobian
+    is read on that reference's level (its ``jepa_score`` and ``log_density`` minus the median change
+    of re-scored reference rows since the evaluation; also in the export). Everything that decides what is curated
     (schedule, pacing, refresh) counts passes and reads data: the same seed curates the same rows on
     any machine and under any load.
 
@@ -361,9 +364,11 @@ class JEPAScoreMonitor(Callback):
             # Scored with the fit-start evaluation (same weights): part of its burst.
             self._incoming_evaluation(trainer, pl_module, batch, burst=b == 0)
         if self.curation is not None and not self.curation.failures.disabled and not self.disabled:
+            start = time.perf_counter()  # curation's seconds: the refresh, the decision, its logging
             if self.reading == "fitted" and self._refresh.due(b):
                 self._refresh_reading(pl_module)
             self._curate(trainer, pl_module, batch)
+            self.clock.add(time.perf_counter() - start, curation=True)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         # Scored after the step, with the weights the next batch's incoming rows will see: no optimizer
@@ -400,9 +405,12 @@ class JEPAScoreMonitor(Callback):
 
     def _curate(self, trainer: Any, pl_module: Any, batch: Any) -> None:
         b = self._batches
-        result = self.curation.curate(self.scorer(pl_module), batch, batch_index=b, step=trainer.global_step,
+        scorer = curation_scorer(self.scorer(pl_module))
+        if self.reading == "fitted" and self._refresh.jepa is not None:
+            scorer = OnReferenceLevel(scorer, self._refresh, lambda rows: self._data.rows(rows, pl_module.device),
+                                      self._charge_curation, self._row_passes)
+        result = self.curation.curate(scorer, batch, batch_index=b, step=trainer.global_step,
                                       trust=self._trust, passes_per_row=self._row_passes)
-        self.clock.add(result["seconds"], curation=True)
         if "decision" in result:
             self._curation_passes += int(result["decision"].n_scored) * self._row_passes
         if "decision" in result and trainer.log_every_n_steps and b % trainer.log_every_n_steps == 0:
@@ -510,26 +518,23 @@ class JEPAScoreMonitor(Callback):
         """Read the policy's reference again through a Gaussian fitted to fresh held-out embeddings
         (``callbacks/_refresh.py``); the same on every rank."""
         refresh = self._refresh
-        rows = refresh.rows()
         try:
             with torch.inference_mode(False), torch.no_grad():
-                scorer = self.scorer(pl_module)
                 x, side = self._data.rows(torch.arange(self._data.num_rows), pl_module.device)
-                z = scorer.embed(x, **side).float().cpu()
-                xr, side_r = self._data.rows(rows, pl_module.device)
-                again = {"jepa_score": scorer.score(xr, **side_r).jepa_score}
-                if "sketch_score" in refresh.columns:
-                    again["sketch_score"] = scorer.sketched(self._sketch).score(xr, **side_r).jepa_score
-            reference, self._prior = refresh.update(self._batches, rows, again, z, self._prior)
+                z = self.scorer(pl_module).embed(x, **side).float().cpu()
+            reference, self._prior = refresh.update(self._batches, z, self._prior)
         except Exception as err:  # a measurement: warn, keep the previous reading
             refresh.last = self._batches
             self.report.warn_once("refresh", f"{self._tag}: refreshing the fitted reading failed at training batch "
                                              f"{self._batches} ({type(err).__name__}: {err}); the previous one is kept.")
             return
-        cost = refresh_cost(self._data.num_rows, rows.numel(), self._embed_dim + (self._sketch or 0))
-        self._curation_passes += cost
-        self.curation.charge(cost)
+        self._charge_curation(self._data.num_rows)  # a forward pass per row, counted as one pass
         self._calibrate(reference, self._trust, batch=self.tracker.latest_batch)
+
+    def _charge_curation(self, passes: int) -> None:
+        """Curation work outside a decision's own Jacobian rows (a refresh, a level measurement)."""
+        self._curation_passes += passes
+        self.curation.charge(passes)
 
     @property
     def _row_passes(self) -> int:

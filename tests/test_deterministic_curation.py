@@ -21,8 +21,8 @@ def curated_run(tmp_path, name):
     policy = make_policy(config.quantile)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        module, _, _ = train(config, splits, stream, device="cpu", policy=policy, version=name)
-    return module.seen_ids, dict(policy.counts)
+        run = train(config, splits, stream, device="cpu", policy=policy, version=name)
+    return run.module.seen_ids, dict(policy.counts)
 
 
 def test_the_same_seed_curates_the_same_rows_on_a_busy_machine(tmp_path):

@@ -1,10 +1,12 @@
 """The refresh of a policy's fitted reading: ``stale_drop`` measures the encoder's move, not the fit's
-optimism, and the gap between refreshes follows it."""
+optimism, and the gap between refreshes follows it; the reference's Jacobian level is measured only
+when a row is scored with the Jacobian, and such rows are read on it."""
 
 import torch
 
-from callbacks._refresh import MAX_GAP, STALE_QUANTILE, ReadingRefresh
+from callbacks._refresh import MAX_GAP, REFRESH_ROWS, STALE_QUANTILE, OnReferenceLevel, ReadingRefresh
 from jepa_monitor.reading import fit_reading
+from jepa_monitor.sample_scores import SampleScores
 
 
 def _reference(n: int = 200, k: int = 6, extra: int = 100, seed: int = 0):
@@ -28,8 +30,7 @@ def test_an_encoder_that_did_not_move_reads_the_quantile_itself():
     # The old comparison (in-sample reading against a cross-fitted cut) read about 0.01 here.
     z, jepa = _reference()
     refresh, gaussian = _started(z, jepa)
-    rows = refresh.rows()
-    _, new = refresh.update(8, rows, {"jepa_score": jepa[rows]}, z, gaussian)
+    _, new = refresh.update(8, z, gaussian)
     assert refresh.stale_drop == 10 / 200 == STALE_QUANTILE
     assert refresh.gap == 2  # below 1.5 times the quantile: the gap doubles
     assert torch.allclose(new.mean, gaussian.mean)
@@ -41,8 +42,7 @@ def test_a_move_along_a_narrow_direction_halves_the_gap_and_no_move_doubles_it()
     refresh.gap = 8
     moved = z.clone()
     moved[:, 5] += 0.3  # three standard deviations of the narrowest direction
-    rows = refresh.rows()
-    _, new = refresh.update(8, rows, {"jepa_score": jepa[rows]}, moved, gaussian)
+    _, new = refresh.update(8, moved, gaussian)
     # Brute force: every reference row read through the previous Gaussian, float64, against the
     # 5 % quantile of the same rows as it read them before the move.
     diff = moved[:200] - gaussian.mean.double()
@@ -55,23 +55,69 @@ def test_a_move_along_a_narrow_direction_halves_the_gap_and_no_move_doubles_it()
     assert abs(refresh.stale_drop - expected) < 1e-12 and refresh.stale_drop > 2 * STALE_QUANTILE
     assert refresh.gap == 4
     # The new reading is the moved one: read again without a further move, the gap grows back.
-    refresh.update(16, refresh.rows(), {"jepa_score": jepa[refresh.rows()]}, moved, new)
+    refresh.update(16, moved, new)
     assert refresh.stale_drop == STALE_QUANTILE and refresh.gap == 8
     refresh.inside = refresh.inside - 1.0  # rows that read better than before: fewer below the cut
-    refresh.update(24, refresh.rows(), {"jepa_score": jepa[refresh.rows()]}, moved, new)
+    refresh.update(24, moved, new)
     assert refresh.stale_drop < STALE_QUANTILE and refresh.gap == 16
 
 
-def test_the_jacobian_column_moves_by_the_median_paired_change_and_state_round_trips():
+class _Rows:
+    """A scorer of rows whose Jacobian term moved by ``moved[i]`` since the reference was scored; it
+    counts its calls."""
+
+    synchronized = False
+
+    def __init__(self, jepa, moved):
+        self.jepa, self.moved, self.calls = jepa, moved, []
+
+    def score(self, rows, **side):
+        self.calls.append(rows.numel())
+        j = (self.jepa[rows] + self.moved[rows]).float()
+        prior = torch.full_like(j, -3.0)
+        return SampleScores(j, prior, j + prior, torch.zeros_like(rows), torch.zeros(rows.numel(), 2), 4, "exact")
+
+
+def test_rows_scored_between_refreshes_are_read_on_the_reference_level_measured_once_per_refresh():
     z, jepa = _reference()
     refresh, gaussian = _started(z, jepa)
-    rows = refresh.rows()
-    shift = torch.linspace(0.5, 1.5, rows.numel(), dtype=torch.float64)
-    reference, _ = refresh.update(8, rows, {"jepa_score": jepa[rows] + shift}, z, gaussian)
-    assert torch.allclose(refresh.jepa, jepa + float(shift.median()))
-    assert torch.allclose(reference["log_density"].double(), refresh.jepa + reference["log_prior"].double(),
-                          atol=1e-4)
+    moved = torch.linspace(0.5, 1.5, jepa.numel(), dtype=torch.float64)
+    rows = _Rows(jepa, moved)
+    charged = []
+    scorer = OnReferenceLevel(rows, refresh, lambda r: (r, {}), charged.append, passes_per_row=6)
+    x = torch.tensor([3, 150])
+    # Right after the evaluation the reference's level is current: nothing re-scored, nothing shifted.
+    s = scorer.score(x)
+    assert rows.calls == [2] and charged == [] and torch.equal(s.jepa_score, (jepa + moved)[x].float())
+    # A refresh reads the embeddings again and leaves the Jacobian columns as evaluated.
+    reference, gaussian = refresh.update(8, z, gaussian)
+    assert torch.equal(reference["jepa_score"], jepa.float())
+    # The next scored rows first measure the level: REFRESH_ROWS reference rows re-scored and paid for,
+    # their median paired change subtracted from the rows' jepa_score and log_density.
+    s = scorer.score(x)
+    first = torch.arange(REFRESH_ROWS)
+    shift = float(moved[first].median())
+    assert rows.calls == [2, REFRESH_ROWS, 2] and charged == [REFRESH_ROWS * 6]
+    assert torch.allclose(s.jepa_score.double(), (jepa + moved)[x] - shift, atol=1e-5)
+    assert torch.allclose(s.log_density - s.jepa_score, torch.full((2,), -3.0))
+    # Measured once per refresh: the next call reuses it; the next refresh rotates to the next rows.
+    scorer.score(x)
+    assert rows.calls == [2, REFRESH_ROWS, 2, 2]
+    refresh.update(16, z, gaussian)
+    scorer.score(x)
+    assert abs(refresh.shift["jepa_score"] - float(moved[first + REFRESH_ROWS].median())) < 1e-6  # float32 scores
     copy = ReadingRefresh()
     copy.load_state_dict(refresh.state_dict())
-    assert copy.gap == refresh.gap and copy.count == 1 and torch.equal(copy.inside, refresh.inside)
+    assert copy.shift == refresh.shift and copy.level_due == set() and copy.count == 2
+    assert copy.gap == refresh.gap and torch.equal(copy.inside, refresh.inside)
     assert 1 <= refresh.gap <= MAX_GAP
+
+
+def test_a_checkpoint_of_the_eager_refresh_measures_the_level_before_its_next_jacobian_row():
+    z, jepa = _reference()
+    refresh, _ = _started(z, jepa)
+    state = refresh.state_dict()
+    del state["shift"], state["level_due"]  # what the previous release wrote
+    copy = ReadingRefresh()
+    copy.load_state_dict(state)
+    assert copy.shift == {"jepa_score": 0.0} and copy.level_due == {"jepa_score"}
