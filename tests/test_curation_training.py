@@ -145,7 +145,7 @@ def test_paced_drop_still_keeps_shifted_rows_out(tmp_path):
     policy = Drop(quantile=0.05)
     model, monitor, a, x, junk = run(policy, tmp_path, pass_share=0.25, reading="fitted")
     pacer = monitor.curation.pacer
-    assert pacer is not None and pacer.spent_total > 0  # it paid for Jacobian rows
+    assert pacer is not None and pacer.spent_total > 0  # it paid for refreshes (and any Jacobian rows)
     seen = torch.zeros(N_STREAM, dtype=torch.bool)
     seen[torch.cat(model.seen_ids)] = True
     assert (~seen[junk]).float().mean() >= 0.90
@@ -156,6 +156,22 @@ def test_paced_drop_still_keeps_shifted_rows_out(tmp_path):
     assert torch.equal(seen[far], (truth >= policy.threshold)[far])
     c = policy.counts
     assert c["rows_scored"] + c["rows_gated"] + c["rows_estimated"] == c["rows_seen"] - (c["batches"] - c["active_batches"]) * BATCH
+
+
+def test_rows_scored_after_a_refresh_are_read_on_the_measured_reference_level(tmp_path):
+    """The fitted reading unpaced: the reference is refreshed between evaluations and rows are scored
+    with the Jacobian, so the reference's level is measured (at most once per refresh, only when rows
+    are scored). The encoder is frozen: re-scored reference rows reproduce their evaluation's scores,
+    the level does not move, and every decision clear of the threshold is the exact density's."""
+    policy = Drop(quantile=0.05)
+    model, monitor, a, x, junk = run(policy, tmp_path, reading="fitted")
+    c, refresh = policy.counts, monitor.state_dict()["refresh"]
+    assert refresh["last"] > 0 and c["rows_scored"] > 0
+    assert 1 <= refresh["count"] <= c["active_batches"]
+    assert abs(refresh["shift"]["jepa_score"]) < 1e-4  # float32 rounding of the same Jacobians
+    seen = torch.zeros(N_STREAM, dtype=torch.bool)
+    seen[torch.cat(model.seen_ids)] = True
+    assert (~seen[junk]).float().mean() >= 0.90 and seen[~junk].float().mean() >= 0.85
 
 
 def test_reweight_gives_shifted_rows_a_small_weight(tmp_path):

@@ -22,21 +22,25 @@ def curated_run(tmp_path, name):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         run = train(config, splits, stream, device="cpu", policy=policy, version=name)
-    return run.module.seen_ids, dict(policy.counts)
+    monitor = next(c for c in run.module.trainer.callbacks if type(c).__name__ == "JEPAScoreMonitor")
+    return run.module.seen_ids, dict(policy.counts), monitor.state_dict()["refresh"]
 
 
 def test_the_same_seed_curates_the_same_rows_on_a_busy_machine(tmp_path):
-    quiet_ids, quiet_counts = curated_run(tmp_path, "quiet")
+    quiet_ids, quiet_counts, refresh = curated_run(tmp_path, "quiet")
     spin = "import time\nend = time.time() + 120\nwhile time.time() < end: pass"
     busy = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(2)]
     try:
-        busy_ids, busy_counts = curated_run(tmp_path, "busy")
+        busy_ids, busy_counts, _ = curated_run(tmp_path, "busy")
     finally:
         for p in busy:
             p.kill()
             p.wait()
     assert quiet_counts["rows_dropped"] > 0 and quiet_counts["rows_scored"] + quiet_counts["rows_gated"] > 0
     assert quiet_counts == busy_counts
+    # The reference was refreshed, and its Jacobian level measured only for rows scored with the
+    # Jacobian (here none: the refreshes took the credit), never at the refreshes themselves.
+    assert refresh["last"] > 0 and refresh["count"] <= quiet_counts["rows_scored"]
     assert len(quiet_ids) == len(busy_ids) == STEPS
     for a, b in zip(quiet_ids, busy_ids):
         assert torch.equal(a, b)

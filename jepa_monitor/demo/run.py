@@ -338,8 +338,9 @@ def format_summary(result: DemoResult) -> str:
                      "target <= 1.25)")
     if "curation" in result.seconds and "filtered" in result.seconds:
         c, f = result.seconds["curation"], result.seconds["filtered"]
-        lines.append(f"Curation inside the filtered run: {c:.1f} s, 1 + curation / rest of the run = {1 + c / max(f - c, 1e-9):.2f} "
-                     "(one run, so not exposed to run-to-run speed changes)")
+        lines.append(f"Curation's own seconds in the filtered run: {c:.1f}; 1 + curation / rest of that run = "
+                     f"{1 + c / max(f - c, 1e-9):.2f} (one run: no run-to-run speed noise; the training that "
+                     "dropped rows save is not credited)")
     lines.append(f"TensorBoard: tensorboard --logdir {result.logdir}")
     return "\n".join(lines)
 
