@@ -87,8 +87,8 @@ def test_demo_full_run_catches_junk(tmp_path):
 # defaults (seed 0, 300 steps x 128 rows, no unfiltered comparison run, one thread). Curation is paced
 # by counts, so the run is the same on any machine with the same arithmetic (torch version, threads).
 # Measured with torch 2.13.0+cpu (`jepa-monitor demo --steps 300 --no-compare --no-progress --threads 1`):
-# fit_density AUROC noise 0.968, permuted 0.925; dropped noise 55.4%, permuted 66.1%, clean 6.0%;
-# junk share that reached training per quarter 10.6/13.5/9.6/7.7% of 15.9/15.4/15.8/15.9%; probe 0.945. The thresholds leave margin on those numbers and fail when junk
+# fit_density AUROC noise 0.902, permuted 0.827; dropped noise 54.7%, permuted 60.1%, clean 7.5%;
+# junk share that reached training per quarter 10.5/12.6/9.1/9.0% of 15.9/15.4/15.8/15.9%; probe 0.956. The thresholds leave margin on those numbers and fail when junk
 # stops being caught (a 300-step encoder is still moving: the second quarter is the weakest).
 SHORT_DEMO = dict(steps=300, batch_size=128, seed=0, compare=False, progress=False, threads=1)
 
