@@ -48,7 +48,7 @@ class Curation:
         self.tag, self.warned_estimate = tag, False
 
     def curate(self, scorer: Any, batch: Any, *, batch_index: int, step: int,
-               trust: Optional[float], passes_per_row: int) -> Optional[Dict[str, Any]]:
+               trust: Optional[float], passes_per_row: int) -> Dict[str, Any]:
         """Decide for ``batch`` and edit it in place; returns what to log (no ``decision`` when the
         policy failed on it).
         ``passes_per_row``: backward passes one Jacobian row costs (K), what the pacing counts."""
@@ -103,7 +103,7 @@ class Curation:
         return {"keep": keep, "weight": weight, "decision": decision}
 
     def charge(self, passes: int) -> None:
-        """Curation work outside a decision (a refresh of the reference) spent ``passes``."""
+        """Curation work outside a decision's own rows (a refresh, a level measurement) spent ``passes``."""
         if self.pacer is not None:
             self.pacer.charge(passes)
 

@@ -109,7 +109,8 @@ class JEPAScoreMonitor(Callback):
     - ``<name>/time/score_seconds``, ``total_score_seconds`` — the last measurement and all monitor
       time since fit start (scoring, trust, logging, export, curation); ``share`` — the measurement
       part of it (curation excluded) over the wall time after the fit-start evaluation;
-      ``curation_share`` — curation's seconds over the same wall time; ``fit_start_seconds`` — that
+      ``curation_share`` — curation's seconds (deciding, refreshing the policy's reference, logging the
+      decision) over the same wall time; ``fit_start_seconds`` — that
       first evaluation. These seconds are reported, never used to decide.
       ``measurement_pass_share``, ``curation_pass_share`` — the configured shares of training's
       backward passes (``Cadence.pass_share``, the policy's ``pass_share``); ``heldout_gap`` —
