@@ -6,8 +6,8 @@ encoder: a Jacobian row costs ``passes_per_row`` of them (K for the exact score)
 batch of B rows costs at least B (every row goes forward and backward at least once). Each decided
 batch earns ``share · B`` passes of credit; a batch spends the credit on whole Jacobian rows, and
 the rows it cannot pay for are decided from the gate's estimate (the policy counts them in
-``rows_estimated``). Keeping the policy's reference fresh (``_refresh.py``) is paid from the same
-credit. Credit is saved up to ``burst`` batches' allowance before it is spent, because a
+``rows_estimated``). Keeping the policy's reference fresh (``_refresh.py``: refreshes, level
+measurements) is paid from the same credit. Credit is saved up to ``burst`` batches' allowance before it is spent, because a
 scoring call has a fixed cost (the forward pass, the kernels' start-up) that many rows share.
 
 Only counts enter: the same seed and data give the same rows on any machine and under any load
@@ -47,7 +47,8 @@ class CurationPacer:
         self.spent_total += cost
 
     def charge(self, passes: int) -> None:
-        """Other curation work (a refresh of the policy's reference) spent ``passes`` of the credit."""
+        """Other curation work (a refresh of the policy's reference, a measurement of its Jacobian
+        level) spent ``passes`` of the credit."""
         self.credit -= passes
         self.spent_total += passes
 

@@ -6,15 +6,24 @@ the policy drops them. Between two held-out evaluations the monitor therefore *r
 reading: one embedding pass of the held-out rows, the Gaussian fitted again and each reference row's
 prior cross-fitted; the policy is recalibrated with the re-read reference.
 
-The reference's Jacobian term is not re-scored at a refresh. A training encoder's Jacobian term moves
-mostly in common, and a common move c shifts the threshold, the gate's range and the estimate's
-median Jacobian term all by c: every row decided from its embedding, by the gate or by the estimate,
-gets the same decision either way. Only a row scored with its own Jacobian compares a current value
-with the reference's level. So the level is measured lazily, when curation scores rows with the
-Jacobian (:class:`OnReferenceLevel`), at most once per refresh: :data:`REFRESH_ROWS` reference rows
-(rotating through them) are scored again, and the median of their paired changes since the held-out
-evaluation is subtracted from the rows' scores, which are thereby read on the reference's level. In a
-run whose credit rarely pays for a Jacobian row this costs nearly nothing.
+The reference's Jacobian *level* (the median paired change of :data:`REFRESH_ROWS` reference rows,
+rotating through them, scored again since the held-out evaluation) is measured only where it can
+change a decision; the monitor picks the mode (``JEPAScoreMonitor._level_mode``):
+
+- **lazy**, for the library's policies calibrated on a quantile of the reference. A training
+  encoder's Jacobian term moves mostly in common, and a common move c shifts their threshold, the
+  gate's range and the estimate's median Jacobian term all by c: every row decided from its
+  embedding, by the gate or by the estimate, gets the same decision either way. Only a row scored
+  with its own Jacobian compares with the reference's level, so the level is measured when curation
+  scores such rows (:class:`OnReferenceLevel`), once per column per refresh, and subtracted from
+  their scores. A run whose credit rarely pays for a Jacobian row pays almost nothing for it; under
+  rank-synchronous scoring every rank makes the same calls, so the level is measured at the first
+  decided batch after each refresh. Under DDP each rank measures when it scores rows, so ranks may
+  read their (local) decisions on levels measured at different batches.
+- **eager**, for an absolute ``threshold`` or a policy of your own: the level is measured at every
+  refresh and the reference handed to ``calibrate`` is moved onto it (:meth:`ReadingRefresh.on_level`),
+  so that absolute comparisons stay absolute.
+- none, for a policy that reads no Jacobian (``log_prior``, an embedding score).
 
 How often to refresh is decided by the data, never by a clock: at each refresh the reference rows'
 fresh embeddings are also read through the *previous* Gaussian, and ``stale_drop``, the share of them
@@ -130,6 +139,15 @@ class ReadingRefresh:
         self.count += 1
         return self.shift[column], int(rows.numel())
 
+    def on_level(self, reference: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """``reference`` (as :meth:`update` returns it) with its Jacobian columns and ``log_density``
+        moved by the level last measured: what a policy comparing absolute scores is calibrated on."""
+        out = dict(reference)
+        for name, column in self.columns.items():
+            out[name] = (column + self.shift.get(name, 0.0)).float()
+        out["log_density"] = (reference["log_density"].double() + self.shift.get("jepa_score", 0.0)).float()
+        return out
+
     def state_dict(self) -> Dict[str, Any]:
         return {"columns": dict(self.columns), "shift": dict(self.shift), "level_due": sorted(self.level_due),
                 "inside": self.inside, "gap": self.gap, "last": self.last, "count": self.count,
@@ -176,10 +194,15 @@ class OnReferenceLevel:
         x, side = self.reference_rows(rows)
         return self.scorer.score(x, **side).jepa_score
 
-    def score(self, x: torch.Tensor, **side: Any) -> SampleScores:
+    def measure(self) -> float:
+        """The reference's level of this scorer's column, measured (and paid for) when due."""
         shift, rescored = self.refresh.level(self.column, self._rescore)
         if rescored:
             self.charge(rescored * self.passes_per_row)
+        return shift
+
+    def score(self, x: torch.Tensor, **side: Any) -> SampleScores:
+        shift = self.measure()
         s = self.scorer.score(x, **side)
         if shift == 0.0:
             return s

@@ -17,7 +17,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from jepa_monitor import metrics as mon
 from jepa_monitor.batches import Key, get_ids, get_input
 from jepa_monitor.reading import READINGS, cross_fitted_log_prior, fit_reading
-from jepa_monitor.policies import Policy
+from jepa_monitor.policies import EMBEDDING_SCORES, Policy, ThresholdPolicy
 from jepa_monitor.scorer import Scorer
 from jepa_monitor.whitening import Whitening
 
@@ -74,9 +74,10 @@ class JEPAScoreMonitor(Callback):
     (:mod:`jepa_monitor.reading`); ``jepa_score`` is the paper's, whatever the reading.
     ``reading="isotropic"`` reads N(0, I), as the paper does. Trust judges the reading in use. With
     a policy, the reference it is calibrated on is read again between evaluations, as often as the
-    encoder's moves require (``callbacks/_refresh.py``), and a row curation scores with its Jacobian
-    is read on that reference's level (its ``jepa_score`` and ``log_density`` minus the median change
-    of re-scored reference rows since the evaluation; also in the export). Everything that decides what is curated
+    encoder's moves require (``callbacks/_refresh.py``); for the library's quantile-calibrated policies
+    a row curation scores with its Jacobian is read on that reference's level (its ``jepa_score`` and
+    ``log_density`` minus the median change of re-scored reference rows since the evaluation; also in
+    the export). Everything that decides what is curated
     (schedule, pacing, refresh) counts passes and reads data: the same seed curates the same rows on
     any machine and under any load.
 
@@ -407,9 +408,8 @@ class JEPAScoreMonitor(Callback):
     def _curate(self, trainer: Any, pl_module: Any, batch: Any) -> None:
         b = self._batches
         scorer = curation_scorer(self.scorer(pl_module))
-        if self.reading == "fitted" and self._refresh.jepa is not None:
-            scorer = OnReferenceLevel(scorer, self._refresh, lambda rows: self._data.rows(rows, pl_module.device),
-                                      self._charge_curation, self._row_passes)
+        if self.reading == "fitted" and self._refresh.jepa is not None and self._level_mode() == "lazy":
+            scorer = self._on_level(scorer, pl_module)
         result = self.curation.curate(scorer, batch, batch_index=b, step=trainer.global_step,
                                       trust=self._trust, passes_per_row=self._row_passes)
         if "decision" in result:
@@ -530,7 +530,36 @@ class JEPAScoreMonitor(Callback):
                                              f"{self._batches} ({type(err).__name__}: {err}); the previous one is kept.")
             return
         self._charge_curation(self._data.num_rows)  # a forward pass per row, counted as one pass
+        if self._level_mode() == "eager":
+            try:
+                with torch.inference_mode(False), torch.no_grad():
+                    level = self._on_level(curation_scorer(self.scorer(pl_module)), pl_module)
+                    level.measure()
+                    if "sketch_score" in refresh.columns:
+                        level.sketched(self._sketch).measure()
+            except Exception as err:  # the level measured last stays
+                self.report.warn_once("level", f"{self._tag}: measuring the reference's Jacobian level failed at training "
+                                               f"batch {self._batches} ({type(err).__name__}: {err}); the last one is kept.")
+            reference = refresh.on_level(reference)
         self._calibrate(reference, self._trust, batch=self.tracker.latest_batch)
+
+    def _level_mode(self) -> Optional[str]:
+        """How the policy's reference keeps its Jacobian level between evaluations
+        (``callbacks/_refresh.py``): None when the policy reads no Jacobian; "lazy" for the library's
+        policies calibrated on a quantile of the reference (measured when a row is scored with the
+        Jacobian, subtracted from it); "eager" for an absolute threshold or a policy of your own
+        (measured at every refresh, the reference moved onto it)."""
+        key = self.policy.score_key
+        if key == "log_prior" or key in EMBEDDING_SCORES:
+            return None
+        if isinstance(self.policy, ThresholdPolicy) and self.policy.absolute_threshold is None:
+            return "lazy"
+        return "eager"
+
+    def _on_level(self, scorer: Any, pl_module: Any) -> OnReferenceLevel:
+        """``scorer`` reading Jacobian scores on the level of the policy's reference (K passes a row)."""
+        return OnReferenceLevel(scorer, self._refresh, lambda rows: self._data.rows(rows, pl_module.device),
+                                self._charge_curation, self._embed_dim or 1)
 
     def _charge_curation(self, passes: int) -> None:
         """Curation work outside a decision's own Jacobian rows (a refresh, a level measurement)."""

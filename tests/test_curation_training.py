@@ -191,3 +191,29 @@ def test_reweight_gives_shifted_rows_a_small_weight(tmp_path):
 def test_no_filtering_before_warmup(policy, tmp_path):
     model, *_ = run(policy, tmp_path)
     assert torch.equal(torch.cat(model.seen_ids), torch.arange(N_STREAM))
+
+
+def test_an_absolute_threshold_gets_its_reference_level_measured_at_every_refresh(tmp_path, monkeypatch):
+    """An absolute threshold does not move with the reference, so the monitor measures the Jacobian
+    level at every refresh and calibrates on the moved reference (``_refresh.py``, eager)."""
+    refreshes = []
+    original = JEPAScoreMonitor._refresh_reading
+
+    def counted(self, pl_module):
+        refreshes.append(self._batches)
+        return original(self, pl_module)
+
+    monkeypatch.setattr(JEPAScoreMonitor, "_refresh_reading", counted)
+    a, _, _, heldout = make_world()
+    threshold = float(true_log_density(heldout, a).quantile(0.05))
+    policy = Drop(threshold=threshold)
+    model, monitor, a, x, junk = run(policy, tmp_path, reading="fitted")
+    refresh = monitor.state_dict()["refresh"]
+    assert len(refreshes) >= 1 and refresh["count"] == len(refreshes) and refresh["level_due"] == []
+    assert abs(refresh["shift"]["jepa_score"]) < 1e-4  # a frozen encoder: the level did not move
+    assert policy.threshold == threshold
+    seen = torch.zeros(N_STREAM, dtype=torch.bool)
+    seen[torch.cat(model.seen_ids)] = True
+    truth = true_log_density(x, a)
+    far = (truth - threshold).abs() > 5.0
+    assert far.sum() > N_STREAM // 2 and torch.equal(seen[far], (truth >= threshold)[far])

@@ -2,9 +2,11 @@
 optimism, and the gap between refreshes follows it; the reference's Jacobian level is measured only
 when a row is scored with the Jacobian, and such rows are read on it."""
 
+import pytest
 import torch
 
 from callbacks._refresh import MAX_GAP, REFRESH_ROWS, STALE_QUANTILE, OnReferenceLevel, ReadingRefresh
+from jepa_monitor.policies import Drop
 from jepa_monitor.reading import fit_reading
 from jepa_monitor.sample_scores import SampleScores
 
@@ -121,3 +123,89 @@ def test_a_checkpoint_of_the_eager_refresh_measures_the_level_before_its_next_ja
     copy = ReadingRefresh()
     copy.load_state_dict(state)
     assert copy.shift == {"jepa_score": 0.0} and copy.level_due == {"jepa_score"}
+
+
+class _Encoder:
+    """A RowScorer over rows named by their index (x[:, 0]): fixed embeddings ``z``, the prior
+    -½‖z‖², and a Jacobian term ``base + moved`` (the encoder's Jacobian term moved since the
+    reference was scored)."""
+
+    synchronized = False
+
+    def __init__(self, z, base, moved):
+        self.z, self.base, self.moved = z, base, moved
+
+    def embed(self, x, **side):
+        return self.z[x[:, 0].long()]
+
+    def log_prior(self, z):
+        return -0.5 * z.double().pow(2).sum(1)
+
+    def sketched(self, m):
+        raise AssertionError("not sketched here")
+
+    def score(self, x, **side):
+        i = x[:, 0].long()
+        j = (self.base[i] + self.moved).float()
+        prior = self.log_prior(self.z[i]).float()
+        return SampleScores(j, prior, j + prior, torch.zeros_like(i), self.z[i], 4, "exact")
+
+
+def _world(seed=0, n_ref=200, n_in=512):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n_ref + n_in, 3, generator=g) * 1.3
+    base = torch.randn(n_ref + n_in, generator=g, dtype=torch.float64) * 2.0
+    prior = -0.5 * z.double().pow(2).sum(1)
+    ref = torch.arange(n_ref)
+    reference = {"jepa_score": base[ref].float(), "log_prior": prior[ref].float(),
+                 "log_density": (base[ref] + prior[ref]).float(), "embedding": z[ref]}
+    return z, base, reference, torch.arange(n_ref, n_ref + n_in).float()[:, None]
+
+
+def _decide(policy, scorer, x):
+    return policy.decide_batch(scorer, x, batch=1, trust=1.0, max_scored=None).keep
+
+
+@pytest.mark.parametrize("moved", [0.0, 1.7, -2.3])
+def test_a_common_jacobian_move_leaves_every_quantile_decision_as_an_eager_recalibration_makes_it(moved):
+    # Lazy: the policy stays calibrated on the evaluation's reference; rows scored with the Jacobian
+    # are read on its level (minus the measured move). Eager (the old refresh): the reference moved by
+    # the measured move and recalibrated; rows scored as they are. Same decisions, row for row, for
+    # rows decided by the gate, by the estimate (max_jacobian_rows caps the Jacobian rows) and exactly.
+    z, base, reference, x = _world()
+    encoder = _Encoder(z, base, moved)
+    refresh = ReadingRefresh()
+    refresh.reset(reference, batch=0, gaussian=None)
+    refresh.level_due = {"jepa_score"}
+    lazy, eager = Drop(quantile=0.05, warmup=0), Drop(quantile=0.05, warmup=0)
+    lazy.calibrate(reference, batch=0)
+    keep_lazy = _decide(lazy, OnReferenceLevel(encoder, refresh, lambda r: (r.float()[:, None], {}), lambda p: None, 3), x)
+    assert abs(refresh.shift["jepa_score"] - moved) < 1e-5
+    eager.calibrate(refresh.on_level(reference), batch=0)
+    keep_eager = _decide(eager, encoder, x)
+    assert torch.equal(keep_lazy, keep_eager)
+    assert lazy.counts["rows_scored"] > 0 and lazy.counts["rows_estimated"] > 0 and lazy.counts["rows_gated"] > 0
+    assert 0 < int((~keep_lazy).sum()) < x.shape[0]
+
+
+def test_an_absolute_threshold_needs_the_level_for_every_row():
+    # The reason the monitor measures the level at every refresh for an absolute threshold: with the
+    # reference left on the evaluation's level, rows decided by the estimate compare a stale Jacobian
+    # term with a threshold that does not move, and a common move of 3 nats changes their decisions.
+    z, base, reference, x = _world()
+    encoder = _Encoder(z, base, 3.0)
+    refresh = ReadingRefresh()
+    refresh.reset(reference, batch=0, gaussian=None)
+    refresh.level_due = {"jepa_score"}
+    threshold = float(reference["log_density"].double().quantile(0.1))
+    stale, moved = Drop(threshold=threshold, warmup=0), Drop(threshold=threshold, warmup=0)
+    stale.calibrate(reference, batch=0)
+    refresh.level("jepa_score", lambda r: encoder.score(r.float()[:, None]).jepa_score)
+    moved.calibrate(refresh.on_level(reference), batch=0)
+    assert not torch.equal(_decide(stale, encoder, x), _decide(moved, encoder, x))
+    # Moved onto the measured level, the estimate's rows meet the threshold as the truth does: the
+    # rows dropped are those whose prior plus the moved median Jacobian term falls below it.
+    exact = Drop(threshold=threshold, warmup=0, gate=False)
+    exact.calibrate(refresh.on_level(reference), batch=0)
+    agree = (_decide(moved, encoder, x) == _decide(exact, encoder, x)).float().mean()
+    assert agree > 0.9
